@@ -1,0 +1,50 @@
+"""`llava-drip` command: one subcommand per job, each a module with `main(argv)`.
+
+Modules are imported only when their subcommand runs, so `llava-drip models` stays fast.
+"""
+import importlib
+import sys
+
+# subcommand -> (module, help). "synth" and "bench" take a second word.
+COMMANDS = {
+    "models": ("llava_drip.drip.factory:cli_models", "list registered model names"),
+    "synth clip": ("llava_drip.data.synth_clip:main", "write a synthetic image-text set (CSV + zero-shot val)"),
+    "synth llava": ("llava_drip.data.synth_llava:main", "write synthetic LLaVA stage-1/2 data and eval files"),
+    "clip-train": ("llava_drip.clip.train:main", "contrastive pretraining on open_clip_train's own loop"),
+    "zeroshot": ("llava_drip.clip.zeroshot:main", "zero-shot top-1/top-5 on an ImageFolder"),
+    "classify": ("llava_drip.classify.train:main", "linear probe or finetune on an ImageFolder"),
+    "flops": ("llava_drip.inspect.flops:main", "GFLOPs per image (fvcore, attention counted)"),
+    "tokens": ("llava_drip.inspect.tokens:main", "visual tokens per image and boundary maps"),
+    "bench encoder": ("llava_drip.inspect.bench_encoder:main", "encoder images/s, latency, memory"),
+    "bench prefill": ("llava_drip.inspect.bench_prefill:main", "LLM prefill time vs visual tokens"),
+    "demo": ("llava_drip.serve.demo:main", "Gradio chat demo on the built-in tiny model"),
+    "chat": ("llava_drip.serve.cli:main", "chat in the terminal"),
+    "serve-api": ("llava_drip.serve.api:main", "OpenAI-compatible HTTP API"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: llava-drip <command> [args]", "", "commands:"]
+    for name, (_, help_) in COMMANDS.items():
+        lines.append(f"  {name:<16} {help_}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    key = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else argv[0]
+    if key not in COMMANDS:
+        print(f"llava-drip: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target, _ = COMMANDS[key]
+    module_name, func_name = target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    rc = func(argv[len(key.split()):])
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

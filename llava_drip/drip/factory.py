@@ -1,0 +1,239 @@
+"""Model registry and factory: DRIP configs are JSON files registered with open_clip's own registry.
+
+`create_model_and_transforms(name, ...)` mirrors open_clip's: DRIP names build a DRIPCLIP, any other
+name (ViT-B-32, ViT-tiny, ...) goes to open_clip unchanged, so open_clip_train can call either.
+"""
+import copy
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+
+from .model import DRIPCLIP
+
+_logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+# open_clip's own configs that the project treats as its baselines
+BASELINES = ("ViT-B-32", "ViT-B-16")
+
+open_clip.add_model_config(CONFIG_DIR)
+
+
+def _natural_key(s: str):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
+
+
+def list_models():
+    """Every model name this project registers: its JSON configs plus open_clip's ViT baselines."""
+    names = {p.stem for p in CONFIG_DIR.glob("*.json")} | set(BASELINES)
+    return sorted(names, key=_natural_key)
+
+
+def get_model_config(name: str) -> dict:
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise RuntimeError(f"unknown model {name!r}. Available: {list_models()}")
+    return cfg
+
+
+def is_drip(name: str) -> bool:
+    return "drip_cfg" in get_model_config(name)
+
+
+def load_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """Read a checkpoint: safetensors, or a torch file (open_clip_train's {'state_dict': ...} included)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and "state_dict" in sd:
+            sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    if sd and all(k.startswith("module.") for k in sd):  # saved from DDP
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_checkpoint(model: torch.nn.Module, path, strict: bool = True):
+    """Load weights strictly; with strict=False the mismatched keys are logged, never ignored silently."""
+    sd = load_state_dict(path)
+    result = model.load_state_dict(sd, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        msg = (f"{path}: {len(result.missing_keys)} missing keys {result.missing_keys[:8]}, "
+               f"{len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:8]}")
+        if strict:
+            raise RuntimeError(msg + " (pass strict=False to load anyway)")
+        _logger.warning(msg)
+    return result
+
+
+def vit_to_drip_key(key: str, pre_layers: int, post_layers: int) -> Optional[str]:
+    """Name of a DRIP tower parameter for an open_clip VisionTransformer key, or None if it has no place."""
+    m = re.match(r"transformer\.resblocks\.(\d+)\.(.*)", key)
+    if m:
+        i, rest = int(m.group(1)), m.group(2)
+        if i < pre_layers:
+            return f"pre_blocks.{i}.{rest}"
+        if i < pre_layers + post_layers:
+            return f"post_blocks.{i - pre_layers}.{rest}"
+        return None
+    if key.startswith(("conv1.", "class_embedding", "positional_embedding", "ln_pre.", "ln_post.", "proj")):
+        return key
+    return None
+
+
+def init_from_vit(model: DRIPCLIP, source) -> dict:
+    """Copy an open_clip ViT CLIP's matching weights into a DRIPCLIP.
+
+    `source` is a checkpoint path, an open_clip CLIP, or a state dict. Blocks 0..a-1 become the
+    pre-pooling blocks, a..a+b-1 the post-pooling ones; the text tower maps one to one.
+    Returns {'mapped': [...], 'new': [...], 'unused': [...]} and logs it. Shapes must match.
+    """
+    if isinstance(source, torch.nn.Module):
+        src = source.state_dict()
+    elif isinstance(source, dict):
+        src = source
+    else:
+        src = load_state_dict(source)
+    tower = model.visual
+    a, b = len(tower.pre_blocks), len(tower.post_blocks)
+    target = model.state_dict()
+    new_sd, mapped, unused = {}, [], []
+    for k, v in src.items():
+        if k.startswith("visual."):
+            dk = vit_to_drip_key(k[len("visual."):], a, b)
+            dk = None if dk is None else "visual." + dk
+        else:
+            dk = k
+        if dk is None or dk not in target:
+            unused.append(k)
+            continue
+        if target[dk].shape != v.shape:
+            raise ValueError(f"shape mismatch for {k} -> {dk}: checkpoint {tuple(v.shape)} vs model {tuple(target[dk].shape)}")
+        new_sd[dk] = v
+        mapped.append(dk)
+    new = sorted(set(target) - set(new_sd))
+    model.load_state_dict({**target, **new_sd}, strict=True)
+    report = {"mapped": sorted(mapped), "new": new, "unused": sorted(unused)}
+    _logger.info("init from ViT: %d mapped, %d new (%s), %d unused (%s)", len(mapped), len(new),
+                 ", ".join(sorted({n.rsplit('.', 1)[0] for n in new})), len(unused),
+                 ", ".join(sorted(unused)[:10]))
+    return report
+
+
+def _cast(model: torch.nn.Module, precision: str, device):
+    if precision in ("fp16", "bf16", "pure_fp16", "pure_bf16"):
+        # the whole DRIP model is cast; the boundary predictor still computes in fp32
+        dtype = torch.float16 if "fp16" in precision else torch.bfloat16
+        model.to(device=device, dtype=dtype)
+    elif precision in ("fp32", "amp", "amp_bf16", "amp_bfloat16", "amp_fp16"):
+        model.to(device=device)
+    else:
+        raise ValueError(f"unknown precision {precision!r}")
+
+
+def create_model(
+    model_name: str,
+    pretrained: Optional[str] = None,
+    precision: str = "fp32",
+    device: Union[str, torch.device] = "cpu",
+    init_from_vit_checkpoint: Optional[str] = None,
+    strict: bool = True,
+    force_image_size: Optional[int] = None,
+    force_context_length: Optional[int] = None,
+    output_dict: bool = True,
+    **kwargs,
+):
+    """Build a model by name (every model returns open_clip's output dict from forward). For DRIP names, extra kwargs override drip_cfg (e.g. eval_mode='topk');
+    for other names everything is passed to open_clip.create_model."""
+    if not is_drip(model_name):
+        if init_from_vit_checkpoint:
+            raise ValueError("init_from_vit_checkpoint only applies to DRIP models")
+        return open_clip.create_model(model_name, pretrained, precision=precision, device=device,
+                                      force_image_size=force_image_size, force_context_length=force_context_length,
+                                      output_dict=output_dict, **kwargs)
+    # open_clip_train passes these with their defaults; anything else it passes must be a no-op here
+    for k in ("jit", "force_quick_gelu", "force_custom_text", "pretrained_image", "force_patch_dropout"):
+        if kwargs.pop(k, None):
+            raise ValueError(f"{k} is not supported for DRIP model {model_name}")
+    for k in ("cache_dir", "load_weights", "weights_only", "pretrained_text", "force_preprocess_cfg"):
+        kwargs.pop(k, None)
+    cfg = copy.deepcopy(get_model_config(model_name))
+    if force_image_size is not None:
+        cfg["vision_cfg"]["image_size"] = force_image_size
+    if force_context_length is not None:
+        cfg["text_cfg"]["context_length"] = force_context_length
+    cfg["drip_cfg"].update(kwargs)
+    model = DRIPCLIP(**cfg, output_dict=True)
+    if init_from_vit_checkpoint:
+        init_from_vit(model, init_from_vit_checkpoint)
+    if pretrained:
+        load_checkpoint(model, pretrained, strict=strict)
+    _cast(model, precision, device)
+    return model
+
+
+def create_model_and_transforms(
+    model_name: str,
+    pretrained: Optional[str] = None,
+    image_mean: Optional[Tuple[float, ...]] = None,
+    image_std: Optional[Tuple[float, ...]] = None,
+    image_interpolation: Optional[str] = None,
+    image_resize_mode: Optional[str] = None,
+    aug_cfg: Optional[Any] = None,
+    **kwargs,
+):
+    """(model, preprocess_train, preprocess_val), like open_clip.create_model_and_transforms."""
+    if not is_drip(model_name):
+        return open_clip.create_model_and_transforms(
+            model_name, pretrained, image_mean=image_mean, image_std=image_std,
+            image_interpolation=image_interpolation, image_resize_mode=image_resize_mode, aug_cfg=aug_cfg, **kwargs)
+    model = create_model(model_name, pretrained, **kwargs)
+    pp = dict(model.visual.preprocess_cfg)
+    for key, value in (("mean", image_mean), ("std", image_std), ("interpolation", image_interpolation),
+                       ("resize_mode", image_resize_mode)):
+        if value is not None:
+            pp[key] = value
+    model.visual.preprocess_cfg = pp
+    pp_cfg = PreprocessCfg(**pp)
+    return model, image_transform_v2(pp_cfg, is_train=True, aug_cfg=aug_cfg), image_transform_v2(pp_cfg, is_train=False)
+
+
+def get_tokenizer(model_name: str):
+    return open_clip.get_tokenizer(model_name)
+
+
+def cli_models(argv) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="llava-drip models", description="list registered model names")
+    parser.add_argument("--json", action="store_true", help="print name, kind and key sizes as JSON")
+    args = parser.parse_args(argv)
+    rows = []
+    for name in list_models():
+        cfg = get_model_config(name)
+        v, d = cfg["vision_cfg"], cfg.get("drip_cfg")
+        rows.append({"model": name, "kind": "drip" if d else "vit", "image_size": v["image_size"],
+                     "patch_size": v["patch_size"], "width": v["width"], "layers": v["layers"],
+                     "prior": d["prior"] if d else None,
+                     "depth": f"{d['pre_layers']}+{d['post_layers']}" if d else str(v["layers"])})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(f"{'model':<20} {'kind':<5} {'img':>4} {'patch':>5} {'width':>5} {'depth':>6} {'prior':>6}")
+        for r in rows:
+            prior = "" if r["prior"] is None else f"{r['prior']:.2f}"
+            print(f"{r['model']:<20} {r['kind']:<5} {r['image_size']:>4} {r['patch_size']:>5} {r['width']:>5} "
+                  f"{r['depth']:>6} {prior:>6}")
+    return 0

@@ -1,0 +1,265 @@
+"""DRIP vision tower: a ViT that pools its patch tokens into learned segments after `pre_layers` blocks.
+
+Forward (batch first):
+  image -> conv1 patches [B, N, D] -> CLS + position embedding -> ln_pre
+  -> pre_blocks at full length [B, 1+N, D]
+  -> boundary predictor on the patch tokens -> boundaries [B, N] (sampled in train, deterministic in eval)
+  -> group-mean pooling [B, S, D] + valid mask -> CLS re-attached -> ln_short
+  -> post_blocks on [B, 1+S, D] with a key-padding mask -> ln_post -> pool -> proj
+
+Parameter names follow open_clip's VisionTransformer (conv1, class_embedding, positional_embedding,
+ln_pre, resblock ln_1/attn/ln_2/mlp.c_fc/mlp.c_proj, ln_post, proj) so ViT weights map one to one.
+"""
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .boundary import (EVAL_MODES, BoundaryPredictor, binomial_prior_loss, check_prior,
+                       deterministic_boundaries, sample_boundaries)
+from .pooling import group_mean_pool
+
+POOL_TYPES = ("mean_incl_cls", "mean_excl_cls", "cls", "last")
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with open_clip's parameter names and an optional padding mask.
+
+    Attention goes through F.scaled_dot_product_attention so a boolean key mask costs nothing extra.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act_layer=nn.GELU):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)  # holds in_proj / out_proj weights
+        self.ln_2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, hidden)),
+            ("gelu", act_layer()),
+            ("c_proj", nn.Linear(hidden, width)),
+        ]))
+
+    def attention(self, x: torch.Tensor, attend: Optional[torch.Tensor]) -> torch.Tensor:
+        B, L, D = x.shape
+        qkv = F.linear(x, self.attn.in_proj_weight, self.attn.in_proj_bias)
+        q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, hd]
+        mask = None if attend is None else attend[:, None, None, :]  # [B, 1, 1, L], True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(B, L, D)
+        return self.attn.out_proj(out)
+
+    def forward(self, x: torch.Tensor, attend: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attention(self.ln_1(x), attend)
+        return x + self.mlp(self.ln_2(x))
+
+
+@dataclass
+class DRIPFeatures:
+    """Everything one tower forward produces. `tokens` rows where `valid` is False are padding."""
+    hidden: torch.Tensor  # [B, 1+S, D] selected layer output (ln_post applied when select_layer == -1)
+    valid: torch.Tensor  # [B, 1+S] bool, column 0 is CLS (always valid)
+    boundaries: torch.Tensor  # [B, N] hard values (with an ST gradient in training)
+    boundary_loss: torch.Tensor  # scalar binomial prior loss
+    num_patches: int
+
+    @property
+    def num_groups(self) -> torch.Tensor:
+        """Visual tokens per image after pooling, CLS excluded: [B] long."""
+        return self.valid[:, 1:].sum(dim=1)
+
+    @property
+    def boundary_ratio(self) -> torch.Tensor:
+        """Realised K/N averaged over the batch (the quantity the prior targets)."""
+        return self.boundaries.detach().sum(dim=1).mean() / self.num_patches
+
+    @property
+    def group_ratio(self) -> torch.Tensor:
+        """Kept tokens per patch, G/N, averaged over the batch."""
+        return self.num_groups.float().mean() / self.num_patches
+
+
+class DRIPVisionTransformer(nn.Module):
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 32,
+        width: int = 768,
+        heads: int = 12,
+        mlp_ratio: float = 4.0,
+        pre_layers: int = 2,
+        post_layers: int = 10,
+        output_dim: int = 512,
+        prior: float = 0.25,
+        temperature: float = 0.5,
+        predictor_hidden_mult: int = 2,
+        logit_clamp: float = 20.0,
+        prob_clamp: float = 1e-4,
+        eval_mode: str = "threshold",
+        eval_seed: int = 0,
+        pool_type: str = "mean_incl_cls",
+        pad_mask: bool = True,
+        reference_mean: bool = False,
+        cover_tail: bool = True,
+        shared_norm: bool = False,
+        act_layer=nn.GELU,
+    ):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        if pool_type not in POOL_TYPES:
+            raise ValueError(f"unknown pool_type {pool_type!r}; expected one of {POOL_TYPES}")
+        if eval_mode not in EVAL_MODES:
+            raise ValueError(f"unknown eval_mode {eval_mode!r}; expected one of {EVAL_MODES}")
+        if post_layers < 1:
+            raise ValueError("DRIP needs at least one post-pooling block")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.grid_size = (image_size // patch_size, image_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.width = width
+        self.output_dim = output_dim
+        self.prior = check_prior(prior)
+        self.temperature = temperature
+        self.eval_mode = eval_mode
+        self.eval_seed = eval_seed
+        self.pool_type = pool_type
+        self.pad_mask = pad_mask
+        self.reference_mean = reference_mean
+        self.cover_tail = cover_tail
+        self.shared_norm = shared_norm
+        self.grad_checkpointing = False
+
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))  # 1-D: kept out of weight decay
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.num_patches + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.pre_blocks = nn.ModuleList([Block(width, heads, mlp_ratio, act_layer) for _ in range(pre_layers)])
+        self.boundary_predictor = BoundaryPredictor(width, predictor_hidden_mult, logit_clamp, prob_clamp)
+        # the reference shares one LayerNorm before the post blocks and at the end (P15); kept as a flag
+        self.ln_short = None if shared_norm else nn.LayerNorm(width)
+        self.post_blocks = nn.ModuleList([Block(width, heads, mlp_ratio, act_layer) for _ in range(post_layers)])
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        # FLOP simulation hook: when set, replaces predicted boundaries (the predictor still runs)
+        self.boundary_override: Optional[torch.Tensor] = None
+        # open_clip's transforms read these
+        self.preprocess_cfg = {"size": image_size, "mode": "RGB", "mean": (0.48145466, 0.4578275, 0.40821073),
+                               "std": (0.26862954, 0.26130258, 0.27577711), "interpolation": "bicubic",
+                               "resize_mode": "shortest", "fill_color": 0}
+
+    # ---- open_clip tower interface -------------------------------------------------------------
+    def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False):
+        if unlocked_groups:
+            raise ValueError("partial unlocking is not supported for the DRIP tower")
+        for p in self.parameters():
+            p.requires_grad = False
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"positional_embedding", "class_embedding"}
+
+    # ---- forward pieces --------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor):
+        expected = (3, self.image_size, self.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"DRIP tower expects images of shape [B, {expected[0]}, {expected[1]}, {expected[2]}], "
+                f"got {list(x.shape)}; resize with the model's preprocess transform")
+
+    def _run_blocks(self, blocks, x, attend=None, upto: Optional[int] = None):
+        for blk in blocks[:upto]:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, attend, use_reentrant=False)
+            else:
+                x = blk(x, attend)
+        return x
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] -> ln_pre(CLS + patches + position) [B, 1+N, D]."""
+        self._check_input(x)
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, N, D]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        return self.ln_pre(x)
+
+    def forward_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-pooling activations [B, 1+N, D] (identical to an open_clip ViT's first blocks)."""
+        return self._run_blocks(self.pre_blocks, self.embed(x))
+
+    def predict_boundaries(self, h: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        z = self.boundary_predictor(h)
+        if self.boundary_override is not None:
+            # FLOP simulation / forced pattern: keeps the predictor in the traced graph
+            return self.boundary_override.to(z.dtype).expand_as(z) + 0.0 * z
+        probs = self.boundary_predictor.probs(z)
+        if self.training:
+            return sample_boundaries(probs, self.temperature, generator)
+        if self.eval_mode == "sample" and generator is None:
+            generator = torch.Generator(device=h.device).manual_seed(self.eval_seed)
+        return deterministic_boundaries(z, probs, self.eval_mode, self.prior, self.temperature, generator)
+
+    def forward_features(self, x: torch.Tensor, select_layer: int = -1,
+                         generator: Optional[torch.Generator] = None) -> DRIPFeatures:
+        """Run the tower up to `select_layer` of the post-pooling stack.
+
+        select_layer -1: the last block's output after ln_post; -k (k >= 2) or 0..M: the raw output of
+        that post-pooling state (0 = pooled tokens before any post block), like HF hidden_states.
+        """
+        M = len(self.post_blocks)
+        idx = select_layer if select_layer >= 0 else M + 1 + select_layer
+        if not 0 <= idx <= M:
+            raise ValueError(f"select_layer {select_layer} out of range for {M} post-pooling blocks")
+        x = self.forward_pre(x)
+        cls, h = x[:, :1], x[:, 1:]
+        b = self.predict_boundaries(h, generator)
+        pooled = group_mean_pool(h, b, cover_tail=self.cover_tail)
+        x = torch.cat([cls, pooled.groups], dim=1)
+        valid = torch.cat([torch.ones_like(pooled.valid[:, :1]), pooled.valid], dim=1)
+        x = (self.ln_post if self.ln_short is None else self.ln_short)(x)
+        attend = valid if self.pad_mask else None
+        x = self._run_blocks(self.post_blocks, x, attend, upto=idx)
+        if select_layer == -1:
+            x = self.ln_post(x)
+        return DRIPFeatures(x, valid, b, binomial_prior_loss(b, self.prior), self.num_patches)
+
+    def pool(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """[B, 1+S, D] tokens -> [B, D] by the configured pool_type."""
+        if self.pool_type == "cls":
+            return x[:, 0]
+        if self.pool_type == "last":
+            last = valid.long().sum(dim=1) - 1  # valid groups are a prefix after CLS
+            return x[torch.arange(x.shape[0], device=x.device), last]
+        # reference parity: a plain mean over every row, padded slots included
+        w = torch.ones_like(valid, dtype=x.dtype) if self.reference_mean else valid.to(x.dtype)
+        if self.pool_type == "mean_excl_cls":
+            w = torch.cat([torch.zeros_like(w[:, :1]), w[:, 1:]], dim=1)
+        return (x * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+
+    def forward_with_aux(self, x: torch.Tensor, generator: Optional[torch.Generator] = None):
+        feats = self.forward_features(x, generator=generator)
+        return self.pool(feats.hidden, feats.valid) @ self.proj, feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_aux(x)[0]
+
+    @torch.no_grad()
+    def encode_tokens(self, images: torch.Tensor, select_layer: int = -1, drop_cls: bool = True) -> List[torch.Tensor]:
+        """The tokens LLaVA receives: one [G_b, D] tensor per image, padding (and CLS) removed."""
+        feats = self.forward_features(images, select_layer=select_layer)
+        keep = feats.valid.clone()
+        if drop_cls:
+            keep[:, 0] = False
+        return [feats.hidden[i][keep[i]] for i in range(images.shape[0])]

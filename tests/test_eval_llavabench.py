@@ -1,0 +1,327 @@
+"""LLaVA-Bench-in-the-Wild: summary rules, rule-based scorer, and the LLM judge end to end.
+
+The summary must reproduce LLaVA-1.5-13B's published 72.5 from its three published review runs.
+The judge talks HTTP to a small OpenAI-compatible server started here on 127.0.0.1. Real data
+comes from $LLAVA_DRIP_DATA (conftest.py's shared_data); tests that need it skip without it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from llava_drip.eval import judge_llava_bench, rule_scorer, summarize_gpt_review
+from llava_drip.eval.judge_llava_bench import parse_scores
+
+API_KEY = "sk-test-not-a-real-key-5f3a9c"
+
+
+@pytest.fixture(scope="module")
+def bench(shared_data: Path) -> Path:
+    path = shared_data / "llava_bench" / "in_the_wild"
+    if not (path / "questions.jsonl").is_file():
+        pytest.skip(f"{path} has no questions.jsonl")
+    return path
+
+
+def run_module(module: str, *args, env: dict | None = None) -> str:
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------- summary
+
+
+def test_summary_reproduces_published_llava_15_13b(bench):
+    ref = bench / "llava_v1.5_13b_reference"
+    files = [ref / f"reviews_llava-v1.5-13b-eval{i}.jsonl" for i in (1, 2, 3)]
+    summary = json.loads(run_module("llava_drip.eval.summarize_gpt_review", "-f", *files, "--json"))
+    assert [r["file"] for r in summary["runs"]] == [str(f) for f in files]
+    assert [round(r["all"], 1) for r in summary["runs"]] == [72.8, 72.7, 72.1]
+    assert round(summary["mean"]["all"], 1) == 72.5  # LLaVA-1.5-13B's published LLaVA-Bench figure
+    run1 = summary["runs"][0]
+    assert (round(run1["conv"], 1), round(run1["detail"], 1), round(run1["complex"], 1)) == (74.7, 52.7, 82.8)
+    assert (round(run1["reference"]["all"], 1), round(run1["model"]["all"], 1)) == (86.5, 63.0)
+
+    text = run_module("llava_drip.eval.summarize_gpt_review", "-d", ref)
+    assert "Average  Conversation  Detail  Reasoning" in text
+    assert "mean of 3 runs" in text and "72.5" in text
+
+
+def test_summary_excludes_null_and_averages_minus_one(tmp_path):
+    rows = [{"question_id": 0, "category": "llava_bench_conv", "tuple": [8, 4]},
+            {"question_id": 1, "category": "llava_bench_detail", "tuple": None},
+            {"question_id": 2, "category": "llava_bench_complex", "tuple": [5, 5]}]
+    s = summarize_gpt_review.summarize_file(write_jsonl(tmp_path / "reviews.jsonl", rows))
+    assert (s["excluded"], s["count"], s["conv"], s["complex"]) == (1, 2, 50.0, 100.0)
+    assert "detail" not in s and s["all"] == pytest.approx(9 / 13 * 100)
+    rows[1]["tuple"] = [-1, -1]  # LLaVA's parse-failure value is averaged in, as LLaVA does
+    s = summarize_gpt_review.summarize_file(write_jsonl(tmp_path / "reviews.jsonl", rows))
+    assert s["excluded"] == 0 and s["detail"] == 100.0 and s["all"] == pytest.approx(8 / 12 * 100)
+
+
+def test_summary_bad_line(tmp_path):
+    path = tmp_path / "reviews.jsonl"
+    path.write_text('{"question_id": 0, "tuple": [1, 2]}\n{"question_id": 1, "tuple": [1, 2]\n')
+    with pytest.raises(ValueError, match=r"reviews\.jsonl:2: malformed JSON line"):
+        summarize_gpt_review.summarize_file(path)
+    path.write_text('{"question_id": 0, "content": "8 9"}\n')
+    with pytest.raises(ValueError, match=r"reviews\.jsonl:1: review has neither 'tuple' nor 'score'"):
+        summarize_gpt_review.summarize_file(path)
+
+
+# ---------------------------------------------------------------- rule-based scorer
+
+
+def test_rule_scorer_reference_scores_100(bench, tmp_path):
+    out = tmp_path / "reviews_ref.jsonl"
+    rule_scorer.main(["--question", str(bench / "questions.jsonl"), "--answer-list",
+                      str(bench / "answers_gpt4.jsonl"), str(bench / "answers_gpt4.jsonl"), "--output", str(out)])
+    reviews = read_jsonl(out)
+    assert len(reviews) == 60 and all(r["tuple"] == [10.0, 10.0] for r in reviews)
+    s = summarize_gpt_review.summarize_file(out)
+    assert s["scorer"] == "rule"
+    assert [s[c] for c in ("all", "conv", "detail", "complex")] == [100.0] * 4
+
+
+@pytest.mark.parametrize("answers", ["bard_0718.jsonl", "bing_chat_0629.jsonl"])
+def test_rule_scorer_deterministic_on_real_answers(bench, tmp_path, answers):
+    args = ["--question", bench / "questions.jsonl", "--answer-list", bench / "answers_gpt4.jsonl", bench / answers]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    rule_scorer.main([str(x) for x in (*args, "--output", a)])
+    # A second process with another hash seed: set/dict order must not leak into scores.
+    run_module("llava_drip.eval.rule_scorer", *args, "--output", b, env={"PYTHONHASHSEED": "12345"})
+    assert a.read_bytes() == b.read_bytes()
+    reviews = read_jsonl(a)
+    questions = read_jsonl(bench / "questions.jsonl")
+    assert [r["question_id"] for r in reviews] == [q["question_id"] for q in questions]
+    assert [r["category"] for r in reviews] == [f"llava_bench_{q['category']}" for q in questions]
+    for r in reviews:
+        assert set(r["measures"]) == set(rule_scorer.MEASURES)
+        assert all(0.0 <= v <= 1.0 for v in r["measures"].values())
+        assert r["tuple"][1] == pytest.approx(10 * sum(r["measures"].values()) / 3)
+        assert parse_scores(r["content"]) == pytest.approx(r["tuple"], abs=1e-4)
+    s = summarize_gpt_review.summarize_file(a)
+    assert 5.0 < s["all"] < 95.0  # real, partial overlap with the GPT-4 answers
+
+
+def test_rule_scorer_joins_by_question_id(bench, tmp_path):
+    rows = read_jsonl(bench / "bard_0718.jsonl")
+    random.Random(0).shuffle(rows)
+    shuffled = write_jsonl(tmp_path / "bard_shuffled.jsonl", rows)
+    ref = bench / "answers_gpt4.jsonl"
+    plain = rule_scorer.score_answers(bench / "questions.jsonl", ref, bench / "bard_0718.jsonl")
+    assert rule_scorer.score_answers(bench / "questions.jsonl", ref, shuffled) == plain
+
+
+def test_rule_scorer_measures_by_hand():
+    s = rule_scorer.RuleScorer()
+    m = s.measures("The red cars are parked.", "A red car is parked outside.")
+    # Stemmed tokens: the red car are park / a red car is park outsid -> 3 shared of 5 and 6.
+    assert m["token_f1"] == pytest.approx(2 * 3 / 11)
+    assert m["keyword_recall"] == pytest.approx(1.0)  # red, car, park all present
+    assert m["rougeL_f"] == pytest.approx(2 * (3 / 5) * (3 / 6) / (3 / 5 + 3 / 6))
+    assert s.measures("", "") == {k: 1.0 for k in rule_scorer.MEASURES}
+    assert s.measures("A cat.", "") == {k: 0.0 for k in rule_scorer.MEASURES}
+
+
+def test_answers_missing_a_question(bench, tmp_path):
+    rows = read_jsonl(bench / "bard_0718.jsonl")[:-1]
+    short = write_jsonl(tmp_path / "short.jsonl", rows)
+    with pytest.raises(ValueError, match=r"short\.jsonl: no answer for 1 of 60 questions .* question_id \['59'\]"):
+        rule_scorer.score_answers(bench / "questions.jsonl", bench / "answers_gpt4.jsonl", short)
+
+
+# ---------------------------------------------------------------- LLM judge over HTTP
+
+
+class FakeJudgeServer:
+    """An OpenAI-compatible /v1/chat/completions on 127.0.0.1.
+
+    Its scores are a function of the two answers it is shown, so the test can tell whether each
+    question met its own answers. It fails the first request with HTTP 500 and answers without
+    scores for the answers listed in ``malformed``.
+    """
+
+    def __init__(self, malformed: set[str] = frozenset(), fail_first: int = 1) -> None:
+        self.requests: list[dict] = []
+        self.malformed, self.fail_left = malformed, fail_first
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                    fail = outer.fail_left > 0
+                    outer.fail_left -= fail
+                if self.path != "/v1/chat/completions":
+                    return self._send(404, {"error": {"message": "not found"}})
+                if fail:
+                    return self._send(500, {"error": {"message": "overloaded", "type": "server_error"}})
+                self._send(200, outer.reply(body))
+
+            def _send(self, status, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def scores_for(answer1: str, answer2: str) -> tuple[int, int]:
+        return 1 + len(answer1) % 10, 1 + len(answer2) % 10
+
+    def reply(self, body: dict) -> dict:
+        user = body["messages"][-1]["content"]
+        answer1 = user.split("[Assistant 1]\n", 1)[1].split("\n\n[End of Assistant 1]", 1)[0]
+        answer2 = user.split("[Assistant 2]\n", 1)[1].split("\n\n[End of Assistant 2]", 1)[0]
+        if answer2 in self.malformed:
+            content = "Both assistants did reasonably well overall."
+        else:
+            a, b = self.scores_for(answer1, answer2)
+            content = f"{a} {b}\nAssistant 2 is judged by length here."
+        return {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def judge_env(monkeypatch):
+    monkeypatch.setenv("JUDGE_TEST_KEY", API_KEY)
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+def test_judge_end_to_end(bench, tmp_path, judge_env, capsys, caplog):
+    ours_rows = read_jsonl(bench / "llava_v1.5_13b_reference" / "answers_llava-v1.5-13b.jsonl")
+    ours_by_id = {r["question_id"]: r for r in ours_rows}
+    ref_by_id = {r["question_id"]: r for r in read_jsonl(bench / "answers_gpt4.jsonl")}
+    bad_id = 7
+    random.Random(1).shuffle(ours_rows)  # line order must not matter
+    ours = write_jsonl(tmp_path / "answers_ours.jsonl", ours_rows)
+    server = FakeJudgeServer(malformed={ours_by_id[bad_id]["text"]})
+    out = tmp_path / "reviews" / "reviews_ours.jsonl"
+    common = ["--question", str(bench / "questions.jsonl"), "--context", str(bench / "context.jsonl"),
+              "--answer-list", str(bench / "answers_gpt4.jsonl"), str(ours),
+              "--rule", str(bench.parent / "rule.json"), "--model", "judge-test-model",
+              "--base-url", server.base_url, "--api-key-env", "JUDGE_TEST_KEY", "--retry-wait", "0.01"]
+    args = [*common, "--output", str(out)]
+    try:
+        judge_llava_bench.main(args)
+        first = capsys.readouterr()
+        assert len(server.requests) == 61  # 60 questions + one retry after the 500
+        reviews = read_jsonl(out)
+        questions = read_jsonl(bench / "questions.jsonl")
+        captions = {c["image"]: c["caption"] for c in read_jsonl(bench / "context.jsonl")}
+        rules = json.loads((bench.parent / "rule.json").read_text())
+        assert [r["question_id"] for r in reviews] == [q["question_id"] for q in questions]
+        for q, r, req in zip(questions, reviews, server.requests[1:]):
+            qid = q["question_id"]
+            assert r["answer1_id"] == ref_by_id[qid]["answer_id"] and r["answer2_id"] == ours_by_id[qid]["answer_id"]
+            assert r["category"] == f"llava_bench_{q['category']}" and r["scorer"] == "judge"
+            assert req["path"] == "/v1/chat/completions" and req["auth"] == f"Bearer {API_KEY}"
+            body = req["body"]
+            assert body["model"] == "judge-test-model" and body["temperature"] == 0.2
+            user = body["messages"][-1]["content"]
+            assert user.startswith(f"[Context]\n{captions[q['image']]}\n\n[Question]\n{q['text']}\n\n")
+            assert user.endswith(f"[System]\n{rules[r['category']]['prompt']}\n\n")
+            if qid == bad_id:
+                assert r["tuple"] is None
+            else:
+                assert r["tuple"] == list(map(float, FakeJudgeServer.scores_for(ref_by_id[qid]["text"], ours_by_id[qid]["text"])))
+        assert "1 judge replies without two scores on the first line, excluded from the summary: question_id [7]" in first.out
+        assert any("InternalServerError" in rec.getMessage() and "retry 1/5" in rec.getMessage() for rec in caplog.records)
+
+        s = summarize_gpt_review.summarize_file(out)
+        good = [(ref_by_id[i]["text"], ours_by_id[i]["text"]) for i in ref_by_id if i != bad_id]
+        pairs = [FakeJudgeServer.scores_for(a, b) for a, b in good]
+        assert s["excluded"] == 1 and s["count"] == 59
+        assert s["all"] == pytest.approx(sum(p[1] for p in pairs) / sum(p[0] for p in pairs) * 100)
+
+        # A rerun is served from the on-disk cache: no request, same file.
+        before = out.read_bytes()
+        judge_llava_bench.main(args)
+        assert len(server.requests) == 61 and out.read_bytes() == before
+
+        # LLaVA-compatible: the unparsable reply becomes [-1, -1] (still from the cache).
+        compat = tmp_path / "reviews" / "reviews_compat.jsonl"
+        judge_llava_bench.main([*common, "--output", str(compat), "--cache", str(out) + ".cache", "--llava-compat"])
+        assert len(server.requests) == 61
+        assert {r["question_id"]: r["tuple"] for r in read_jsonl(compat)}[bad_id] == [-1.0, -1.0]
+        assert summarize_gpt_review.summarize_file(compat)["excluded"] == 0
+    finally:
+        server.close()
+    # The key reaches the server's Authorization header and nowhere else.
+    logged = first.out + first.err + capsys.readouterr().out + caplog.text
+    assert API_KEY not in logged
+    for path in out.parent.iterdir():
+        assert API_KEY not in path.read_text(), path
+
+
+def test_judge_gives_up_after_retries(tmp_path, judge_env):
+    server = FakeJudgeServer(fail_first=100)
+    try:
+        client = judge_llava_bench.openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
+        cache = judge_llava_bench.JudgeCache(tmp_path / "cache")
+        judge = judge_llava_bench.Judge(client, "m", cache, base_url=server.base_url, max_retries=2, retry_wait=0.001)
+        with pytest.raises(RuntimeError, match="judge request failed 3 times, last: InternalServerError"):
+            judge.review("[Assistant 1]\na\n\n[End of Assistant 1]\n\n[Assistant 2]\nb\n\n[End of Assistant 2]")
+        assert len(server.requests) == 3 and not (tmp_path / "cache").exists()
+    finally:
+        server.close()
+
+
+def test_judge_requires_api_key(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("JUDGE_TEST_KEY", raising=False)
+    with pytest.raises(SystemExit):
+        judge_llava_bench.main(["--question", str(bench / "questions.jsonl"), "--context", str(bench / "context.jsonl"),
+                                "--answer-list", str(bench / "answers_gpt4.jsonl"), str(bench / "bard_0718.jsonl"),
+                                "--output", str(tmp_path / "r.jsonl"), "--model", "m", "--api-key-env", "JUDGE_TEST_KEY"])
+    assert "set $JUDGE_TEST_KEY" in capsys.readouterr().err
+
+
+def test_default_judge_prompt_covers_llava_bench():
+    rules = judge_llava_bench.load_rules(judge_llava_bench.DEFAULT_RULE)
+    for cat in ("conv", "detail", "complex"):
+        assert "two numbers from 1 to 10" in rules[f"llava_bench_{cat}"]["prompt"]
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("8 9\nbecause", [8.0, 9.0]), ("8, 6.5\n", [8.0, 6.5]), ("  7  9 \nx", [7.0, 9.0]),
+    ("Scores: 8 9", None), ("8\n9", None), ("", None), ("eight nine", None),
+])
+def test_parse_scores(reply, expected):
+    assert parse_scores(reply) == expected
