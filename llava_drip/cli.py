@@ -10,6 +10,7 @@ COMMANDS = {
     "models": ("llava_drip.drip.factory:cli_models", "list registered model names"),
     "synth clip": ("llava_drip.data.synth_clip:main", "write a synthetic image-text set (CSV + zero-shot val)"),
     "synth llava": ("llava_drip.data.synth_llava:main", "write synthetic LLaVA stage-1/2 data and eval files"),
+    "tiny-llm": ("llava_drip.train.tiny:main", "build a tiny Llama + sentencepiece tokenizer for CPU runs"),
     "clip-train": ("llava_drip.clip.train:main", "contrastive pretraining on open_clip_train's own loop"),
     "zeroshot": ("llava_drip.clip.zeroshot:main", "zero-shot top-1/top-5 on an ImageFolder"),
     "classify": ("llava_drip.classify.train:main", "linear probe or finetune on an ImageFolder"),

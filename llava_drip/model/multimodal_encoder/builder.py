@@ -1,0 +1,36 @@
+"""Pick the vision tower from the config's explicit `mm_vision_tower_type` (never from name substrings)."""
+import os
+
+TOWER_TYPES = ("drip", "open_clip", "hf_clip")
+
+
+def resolve_tower_type(name: str, tower_type: str = "auto") -> str:
+    """'auto' resolves a registered model name to drip/open_clip and a folder with config.json to hf_clip."""
+    if tower_type != "auto":
+        if tower_type not in TOWER_TYPES:
+            raise ValueError(f"unknown vision tower type {tower_type!r}; expected one of {TOWER_TYPES} or 'auto'")
+        return tower_type
+    from llava_drip.drip.factory import is_drip, list_models
+    import open_clip
+    if name in list_models() or name in open_clip.list_models():
+        return "drip" if is_drip(name) else "open_clip"
+    if os.path.isfile(os.path.join(name, "config.json")):
+        return "hf_clip"
+    raise ValueError(f"cannot resolve vision tower {name!r}: not a registered model name "
+                     f"and not a folder with an HF config.json; set --vision_tower_type")
+
+
+def build_vision_tower(config, load_weights: bool = True):
+    """Build the tower a LlavaConfig describes. load_weights=False when the weights come with the model."""
+    name = config.mm_vision_tower
+    kind = resolve_tower_type(name, getattr(config, "mm_vision_tower_type", "auto"))
+    pretrained = config.mm_vision_tower_pretrained if load_weights else None
+    from .towers import DRIPVisionTower, HFCLIPVisionTower, OpenCLIPVisionTower
+    if kind == "drip":
+        return DRIPVisionTower(name, config.mm_vision_select_layer, config.mm_vision_select_feature,
+                               eval_mode=config.mm_drip_eval_mode, pretrained=pretrained)
+    if kind == "open_clip":
+        return OpenCLIPVisionTower(name, config.mm_vision_select_layer, config.mm_vision_select_feature,
+                                   pretrained=pretrained)
+    return HFCLIPVisionTower(name, config.mm_vision_select_layer, config.mm_vision_select_feature,
+                             load_weights=load_weights)

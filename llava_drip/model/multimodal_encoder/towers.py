@@ -1,0 +1,172 @@
+"""Vision towers for LLaVA. Each returns, per image, the [G_b, D] tokens the projector receives.
+
+- DRIPVisionTower: the DRIP tower from a clip-train checkpoint; G_b varies per image.
+- OpenCLIPVisionTower: an open_clip ViT (the baseline), patch tokens of a chosen block.
+- HFCLIPVisionTower: transformers' CLIPVisionModel, as in a standard LLaVA-1.5 setup.
+
+Towers are frozen and stay in eval mode even when the trainer calls model.train(): DRIP samples its
+boundaries in train mode, and LLaVA must see the deterministic ones it will see at inference.
+"""
+import logging
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+_logger = logging.getLogger(__name__)
+
+
+class OpenCLIPImageProcessor:
+    """Adapter giving an open_clip transform the slice of CLIPImageProcessor's API LLaVA code uses."""
+
+    def __init__(self, transform, image_size: int, mean, std):
+        self.transform = transform
+        self.image_mean = list(mean)
+        self.image_std = list(std)
+        self.crop_size = {"height": image_size, "width": image_size}
+        self.size = {"shortest_edge": image_size}
+
+    def preprocess(self, images, return_tensors: str = "pt"):
+        if return_tensors != "pt":
+            raise ValueError("only return_tensors='pt' is supported")
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        return {"pixel_values": torch.stack([self.transform(im.convert("RGB")) for im in images])}
+
+    __call__ = preprocess
+
+
+class _FrozenTower(nn.Module):
+    select_layer: int
+    select_feature: str
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    def _check_feature(self):
+        if self.select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"unexpected mm_vision_select_feature {self.select_feature!r}: use 'patch' or 'cls_patch'")
+
+    def freeze(self):
+        self.requires_grad_(False)
+        self.eval()
+
+
+def _visual_state_dict(path: str) -> dict:
+    from llava_drip.drip.factory import load_state_dict
+    sd = load_state_dict(path)
+    visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    return visual or sd  # a tower-only file has no prefix
+
+
+class DRIPVisionTower(_FrozenTower):
+    def __init__(self, name: str, select_layer: int = -1, select_feature: str = "patch",
+                 eval_mode: str = "threshold", pretrained: Optional[str] = None):
+        super().__init__()
+        from llava_drip.drip.factory import get_model_config, is_drip
+        from llava_drip.drip.model import build_drip_tower
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+        if not is_drip(name):
+            raise ValueError(f"{name} is not a DRIP model")
+        cfg = get_model_config(name)
+        self.name, self.select_layer, self.select_feature = name, select_layer, select_feature
+        self._check_feature()
+        self.vision_tower = build_drip_tower(cfg["embed_dim"], cfg["vision_cfg"], {**cfg["drip_cfg"], "eval_mode": eval_mode})
+        if pretrained:
+            self.vision_tower.load_state_dict(_visual_state_dict(pretrained), strict=True)
+            _logger.info("loaded DRIP tower %s from %s", name, pretrained)
+        pp = self.vision_tower.preprocess_cfg
+        self.image_processor = OpenCLIPImageProcessor(
+            image_transform_v2(PreprocessCfg(**pp), is_train=False), pp["size"], pp["mean"], pp["std"])
+        self.freeze()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vision_tower.width
+
+    @property
+    def num_patches(self) -> int:
+        return self.vision_tower.num_patches
+
+    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+        return self.vision_tower.encode_tokens(images.to(self.dtype), select_layer=self.select_layer,
+                                               drop_cls=self.select_feature == "patch")
+
+
+class OpenCLIPVisionTower(_FrozenTower):
+    def __init__(self, name: str, select_layer: int = -2, select_feature: str = "patch",
+                 pretrained: Optional[str] = None):
+        super().__init__()
+        import open_clip
+        self.name, self.select_layer, self.select_feature = name, select_layer, select_feature
+        self._check_feature()
+        clip = open_clip.create_model(name)
+        self.vision_tower = clip.visual
+        if pretrained:
+            self.vision_tower.load_state_dict(_visual_state_dict(pretrained), strict=True)
+        pp = self.vision_tower.preprocess_cfg
+        size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
+        self.image_processor = OpenCLIPImageProcessor(
+            open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(**pp), is_train=False),
+            size, pp["mean"], pp["std"])
+        self.freeze()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vision_tower.conv1.out_channels
+
+    @property
+    def num_patches(self) -> int:
+        g = self.vision_tower.grid_size
+        return g[0] * g[1]
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+        depth = len(self.vision_tower.transformer.resblocks)
+        index = self.select_layer if self.select_layer >= 0 else depth + self.select_layer
+        out = self.vision_tower.forward_intermediates(
+            images.to(self.dtype), indices=[index], stop_early=True, intermediates_only=True,
+            output_fmt="NLC", output_extra_tokens=True)
+        feats = out["image_intermediates"][0]
+        if self.select_feature == "cls_patch":
+            feats = torch.cat([out["image_intermediates_prefix"][0], feats], dim=1)
+        return list(feats.unbind(0))
+
+
+class HFCLIPVisionTower(_FrozenTower):
+    def __init__(self, name: str, select_layer: int = -2, select_feature: str = "patch", load_weights: bool = True):
+        super().__init__()
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+        self.name, self.select_layer, self.select_feature = name, select_layer, select_feature
+        self._check_feature()
+        self.image_processor = CLIPImageProcessor.from_pretrained(name)
+        if load_weights:
+            self.vision_tower = CLIPVisionModel.from_pretrained(name)
+        else:  # weights come with the saved LLaVA model
+            self.vision_tower = CLIPVisionModel(CLIPVisionConfig.from_pretrained(name))
+        self.freeze()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vision_tower.config.hidden_size
+
+    @property
+    def num_patches(self) -> int:
+        c = self.vision_tower.config
+        return (c.image_size // c.patch_size) ** 2
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+        out = self.vision_tower(images.to(self.dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.select_layer]
+        if self.select_feature == "patch":
+            feats = feats[:, 1:]
+        return list(feats.unbind(0))
