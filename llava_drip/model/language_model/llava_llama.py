@@ -51,7 +51,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
 
     @torch.no_grad()
     def generate(self, inputs: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
-                 attention_mask: Optional[torch.Tensor] = None, **kwargs):
+                 attention_mask: Optional[torch.Tensor] = None, input_ids: Optional[torch.Tensor] = None, **kwargs):
         """Greedy/sampled generation with the KV cache; returns only the new tokens.
 
         Prompts are re-padded on the left after splicing, so each row's positions start at 0
@@ -59,6 +59,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         """
         if "inputs_embeds" in kwargs:
             raise ValueError("pass input_ids (with -200 placeholders) and images, not inputs_embeds")
+        inputs = inputs if inputs is not None else input_ids  # peft passes input_ids by keyword
         if inputs is None:
             raise ValueError("generate needs input_ids")
         embeds, mask, _, _ = self.prepare_inputs_labels_for_multimodal(

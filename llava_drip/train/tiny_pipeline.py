@@ -1,0 +1,94 @@
+"""Build a small but trained LLaVA-DRIP on CPU, in one process: the built-in model of the demo and tests.
+
+synthetic shapes data -> tiny Llama (+ short text pretraining) -> DRIP tower (a clip-train checkpoint,
+or a seeded random one) -> stage 1 (projector, `plain`) -> stage 2 (full, `vicuna_v1`).
+Every step is the real code path (HF Trainer, the same train.py), only sized down; DeepSpeed is left
+out here so the demo starts without compiling ops (tests cover the DeepSpeed launcher separately).
+
+`python -m llava_drip.train.tiny_pipeline --out DIR` ; the finished model is DIR/stage2.
+"""
+import argparse
+import json
+import os
+import shutil
+from typing import Optional
+
+DEFAULT_CACHE = os.path.join(os.path.expanduser(os.environ.get("LLAVA_DRIP_HOME", "~/.cache/llava_drip")), "tiny-llava")
+
+
+def _train_args(out, **kw):
+    base = ["--output_dir", out, "--report_to", "none", "--use_cpu", "True", "--save_strategy", "no",
+            "--dataloader_num_workers", "0", "--logging_steps", "5", "--disable_tqdm", "True", "--seed", "0"]
+    for k, v in kw.items():
+        base += [f"--{k}", str(v)]
+    return base
+
+
+def save_random_tower(model_name: str, path: str, seed: int = 0):
+    import torch
+    from safetensors.torch import save_file
+    from llava_drip.drip import create_model
+    torch.manual_seed(seed)
+    model = create_model(model_name)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def build(out: str, n: int = 600, seed: int = 0, tower: str = "DRIP-4x-tiny", tower_checkpoint: Optional[str] = None,
+          lm_steps: int = 150, stage1_epochs: int = 1, stage2_epochs: int = 2, lora: bool = False,
+          force: bool = False) -> str:
+    """Run the whole tiny pipeline into `out` (skipping finished steps) and return the stage-2 folder."""
+    from llava_drip.data import synth_llava
+    from llava_drip.train import tiny
+    from llava_drip.train.train import train
+
+    final = os.path.join(out, "stage2-lora" if lora else "stage2")
+    if force and os.path.isdir(out):
+        shutil.rmtree(out)
+    if os.path.isfile(os.path.join(final, "llava_drip_train.json")):
+        return final
+    os.makedirs(out, exist_ok=True)
+    data = os.path.join(out, "data")
+    if not os.path.isfile(os.path.join(data, "finetune.json")):
+        synth_llava.main(["--out", data, "--n", str(n), "--seed", str(seed), "--quiet"])
+    llm = os.path.join(out, "llm")
+    if not os.path.isfile(os.path.join(llm, "config.json")):
+        lines = tiny.corpus_from_llava_json([os.path.join(data, "pretrain.json"), os.path.join(data, "finetune.json")])
+        tiny.build_tiny_llm(llm, lines, seed=seed, lm_steps=lm_steps)
+    if tower_checkpoint is None:
+        tower_checkpoint = os.path.join(out, f"{tower}-seed{seed}.safetensors")
+        if not os.path.isfile(tower_checkpoint):
+            save_random_tower(tower, tower_checkpoint, seed)
+    common = dict(model_name_or_path=llm, image_folder=data, vision_tower=tower,
+                  vision_tower_pretrained=tower_checkpoint, mm_projector_type="mlp2x_gelu",
+                  per_device_train_batch_size=16, model_max_length=384)
+    s1 = os.path.join(out, "stage1")
+    if not os.path.isfile(os.path.join(s1, "mm_projector.bin")):
+        train(_train_args(s1, version="plain", data_path=os.path.join(data, "pretrain.json"),
+                          tune_mm_mlp_adapter=True, learning_rate=2e-3, num_train_epochs=stage1_epochs, **common))
+    extra = dict(lora_enable=True, lora_r=16, lora_alpha=32, learning_rate=2e-3) if lora else dict(learning_rate=1e-3)
+    train(_train_args(final, version="v1", data_path=os.path.join(data, "finetune.json"),
+                      pretrain_mm_mlp_adapter=os.path.join(s1, "mm_projector.bin"), image_aspect_ratio="pad",
+                      group_by_modality_length=True, num_train_epochs=stage2_epochs, **extra, **common))
+    return final
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llava_drip.train.tiny_pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=DEFAULT_CACHE)
+    p.add_argument("--n", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tower", default="DRIP-4x-tiny")
+    p.add_argument("--tower-checkpoint", default=None, help="clip-train checkpoint (default: seeded random tower)")
+    p.add_argument("--lora", action="store_true")
+    p.add_argument("--force", action="store_true", help="rebuild from scratch")
+    args = p.parse_args(argv)
+    final = build(args.out, args.n, args.seed, args.tower, args.tower_checkpoint, lora=args.lora, force=args.force)
+    summary = json.load(open(os.path.join(final, "train_summary.json")))
+    print(f"tiny LLaVA ready at {final} (stage-2 loss {summary['losses'][0]:.3f} -> {summary['losses'][-1]:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
