@@ -33,7 +33,7 @@ fi
 # Offline scores: overlap with the GPT-4 reference answers (no API, deterministic).
 "$PYTHON" -m llava_drip.eval.rule_scorer \
     --question "$BENCH_DIR/questions.jsonl" \
-    --answer-list "$BENCH_DIR/answers_gpt4.jsonl" "$ANSWERS" \
+    --answer-list "${BENCH_ANSWERS_REF:-$BENCH_DIR/answers_gpt4.jsonl}" "$ANSWERS" \
     --output "$REVIEWS/rule.jsonl"
 
 if [ -n "${JUDGE_MODEL:-}" ]; then
@@ -45,7 +45,7 @@ if [ -n "${JUDGE_MODEL:-}" ]; then
         "$PYTHON" -m llava_drip.eval.judge_llava_bench \
             --question "$BENCH_DIR/questions.jsonl" \
             --context "$BENCH_DIR/context.jsonl" \
-            --answer-list "$BENCH_DIR/answers_gpt4.jsonl" "$ANSWERS" \
+            --answer-list "${BENCH_ANSWERS_REF:-$BENCH_DIR/answers_gpt4.jsonl}" "$ANSWERS" \
             --output "$REVIEWS/judge-eval$RUN.jsonl" \
             "${JUDGE_ARGS[@]}"
         RUN_FILES+=("$REVIEWS/judge-eval$RUN.jsonl")

@@ -28,6 +28,7 @@ else
     IFS=',' read -ra GPUS <<< "${CUDA_VISIBLE_DEVICES:-0}"
     CHUNKS=${#GPUS[@]}
     mkdir -p "$SQA_DIR/answers/$NAME"
+    PIDS=()
     for IDX in $(seq 0 $((CHUNKS - 1))); do
         # shellcheck disable=SC2086  # SQA_ANSWER_ARGS is a list of flags
         CUDA_VISIBLE_DEVICES=${GPUS[$IDX]} "$PYTHON" -m llava_drip.eval.model_vqa_science \
@@ -37,8 +38,10 @@ else
             --answers-file "$SQA_DIR/answers/$NAME/${CHUNKS}_${IDX}.jsonl" \
             --num-chunks "$CHUNKS" --chunk-idx "$IDX" \
             --temperature 0 --conv-mode "$CONV_MODE" $SQA_ANSWER_ARGS &
+        PIDS+=($!)
     done
-    wait  # with set -e, a failed chunk stops the script here
+    # a bare `wait` returns 0 whatever the chunks did; waiting on each pid lets set -e stop on a failure
+    for PID in "${PIDS[@]}"; do wait "$PID"; done
     : > "$ANSWERS"
     for IDX in $(seq 0 $((CHUNKS - 1))); do
         cat "$SQA_DIR/answers/$NAME/${CHUNKS}_${IDX}.jsonl" >> "$ANSWERS"

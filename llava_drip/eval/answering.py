@@ -1,0 +1,326 @@
+"""Shared machinery of ``model_vqa_science`` and ``model_vqa``: load a model, build LLaVA prompts,
+answer in left-padded batches, and append answers to a JSONL file that a rerun resumes.
+
+Answers files keep LLaVA's schema, one JSON object per line::
+
+    {"question_id", "prompt", "text", "answer_id", "model_id", "metadata": {"visual_tokens": G}}
+
+``prompt`` is the question as LLaVA records it (no conversation template); ``visual_tokens`` is the
+number of DRIP tokens the image took in the LLM (0 without an image), an extra field LLaVA's
+scorers ignore.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from llava_drip.constants import DEFAULT_IMAGE_TOKEN
+
+logger = logging.getLogger(__name__)
+
+SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
+
+
+@dataclass
+class Question:
+    """One question to answer, already in LLaVA's terms."""
+    qid: Any          # written back as read: ScienceQA ids are strings, LLaVA-Bench ids ints
+    text: str         # the human turn without any <image> token
+    prompt: str       # the "prompt" field of the answer (LLaVA's cur_prompt)
+    image: str | None = None  # image path, None for a text-only question
+
+
+@dataclass
+class GenerationSettings:
+    temperature: float = 0.0
+    top_p: float | None = None
+    num_beams: int = 1
+    max_new_tokens: int = 128
+
+    def generate_kwargs(self) -> dict:
+        kw: dict = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
+                    "do_sample": self.temperature > 0, "use_cache": True}
+        if self.temperature > 0:  # passing them with do_sample=False only earns warnings
+            kw["temperature"] = self.temperature
+            if self.top_p is not None:
+                kw["top_p"] = self.top_p
+        return kw
+
+
+def get_chunk(items: Sequence, num_chunks: int, chunk_idx: int) -> list:
+    """LLaVA's split: chunks of ceil(len / num_chunks) in file order; a chunk past the end is empty."""
+    if num_chunks < 1 or not 0 <= chunk_idx < num_chunks:
+        raise ValueError(f"need num_chunks >= 1 and 0 <= chunk_idx < num_chunks, got {num_chunks}, {chunk_idx}")
+    size = math.ceil(len(items) / num_chunks)
+    return list(items[chunk_idx * size:(chunk_idx + 1) * size])
+
+
+def find_missing_images(questions: Sequence[Question]) -> list[Question]:
+    return [q for q in questions if q.image is not None and not os.path.isfile(q.image)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable answers file
+
+
+class AnswersFile:
+    """Append-only answers JSONL that knows which questions it already holds.
+
+    A crash can leave a half-written last line; it is cut off (and its question redone). A
+    malformed line elsewhere is an error, as is a file from another model (``model_id``) or made
+    with another prompt, so two runs never mix silently; ``overwrite`` starts afresh.
+    """
+
+    def __init__(self, path: str | os.PathLike, model_id: str, overwrite: bool = False):
+        self.path = Path(path)
+        self.model_id = model_id
+        self.done: dict[str, dict] = {}
+        self.dropped_partial_line = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite or not self.path.exists():
+            self.path.write_text("", encoding="utf-8")
+        else:
+            self._load()
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def _load(self):
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)
+        offset = 0
+        for i, raw in enumerate(lines):
+            start, offset = offset, offset + len(raw) + 1
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+                if not isinstance(row, dict) or "question_id" not in row or "text" not in row:
+                    raise ValueError("not an answer object")
+            except (ValueError, UnicodeDecodeError) as e:
+                if i != last:
+                    raise ValueError(f"{self.path}:{i + 1}: malformed answer line ({e}); fix or remove "
+                                     "the file, or pass --overwrite") from None
+                with open(self.path, "r+b") as f:  # the crash's partial write: redo that question
+                    f.truncate(start)
+                self.dropped_partial_line = True
+                logger.warning("%s: dropped a truncated last line (%d bytes); its question is answered again",
+                               self.path, len(raw))
+                break
+            key = str(row["question_id"])
+            if key in self.done:
+                raise ValueError(f"{self.path}:{i + 1}: duplicate question_id {row['question_id']!r}")
+            if row.get("model_id", self.model_id) != self.model_id:
+                raise ValueError(f"{self.path}: holds answers of model {row.get('model_id')!r}, not "
+                                 f"{self.model_id!r}; use another --answers-file or --overwrite")
+            self.done[key] = row
+        with open(self.path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size and (f.seek(size - 1), f.read(1))[1] != b"\n":
+                f.write(b"\n")  # a complete last object lacking its newline
+
+    def check_prompts(self, questions: Sequence[Question]):
+        """Refuse to resume a file whose answers were made with other prompts (e.g. other flags)."""
+        for q in questions:
+            row = self.done.get(str(q.qid))
+            if row is not None and "prompt" in row and row["prompt"] != q.prompt:
+                raise ValueError(f"{self.path}: question {q.qid!r} was answered with the prompt "
+                                 f"{row['prompt']!r}, now {q.prompt!r} (different question file or "
+                                 "--single-pred-prompt?); use another --answers-file or --overwrite")
+
+    def write(self, rows: Sequence[dict]):
+        for row in rows:
+            self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.done[str(row["question_id"])] = row
+        self._f.flush()  # a crash loses at most the batch being generated
+
+    def close(self):
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+def _dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":  # LLaVA evaluates in fp16 on GPU; CPU matmuls want fp32
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+class Answerer:
+    """A loaded model answering batches of ``Question`` with one conversation template."""
+
+    def __init__(self, model_path: str, model_base: str | None = None, conv_mode: str = "vicuna_v1",
+                 device: str | None = None, dtype: str = "auto"):
+        from llava_drip.conversation import get_conv_template
+        from llava_drip.mm_utils import get_model_name_from_path
+        from llava_drip.model.builder import load_pretrained_model
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.conv_template = get_conv_template(conv_mode)  # fails early on a bad name
+        self.model_name = get_model_name_from_path(model_path)
+        self.tokenizer, self.model, self.image_processor, self.context_len = load_pretrained_model(
+            model_path, model_base, device=self.device, torch_dtype=_dtype(dtype, self.device))
+        if getattr(self.model.config, "mm_use_im_start_end", False):
+            raise ValueError(f"{model_path}: mm_use_im_start_end models are not supported (LLaVA-1.5 does not use them)")
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(f"{model_path}: the tokenizer has no pad token")
+        self.max_prompt_len = getattr(self.model.config, "tokenizer_model_max_length", None)
+        self.truncated_prompts = 0
+        self._visual_tokens: list[int] = []
+        # the tower's output list gives each image's DRIP token count without a second encoding pass
+        self.model.get_vision_tower().register_forward_hook(
+            lambda _m, _i, out: self._visual_tokens.extend(int(f.shape[0]) for f in out))
+
+    def build_prompt(self, q: Question) -> str:
+        conv = self.conv_template.copy()
+        text = f"{DEFAULT_IMAGE_TOKEN}\n{q.text}" if q.image is not None else q.text
+        conv.append_message(conv.roles[0], text)
+        conv.append_message(conv.roles[1], None)
+        return conv.get_prompt()
+
+    def _images(self, batch: Sequence[Question]) -> torch.Tensor | None:
+        from llava_drip.mm_utils import load_image, process_images
+        pil = {i: load_image(q.image) for i, q in enumerate(batch) if q.image is not None}
+        if not pil:
+            return None
+        tensors = process_images(list(pil.values()), self.image_processor, self.model.config)
+        # text-only questions of a mixed batch get a zero image the model leaves out
+        out = torch.zeros(len(batch), *tensors.shape[1:], dtype=tensors.dtype)
+        out[list(pil)] = tensors
+        return out.to(self.device, dtype=self.model.dtype)
+
+    @torch.inference_mode()
+    def answer(self, batch: Sequence[Question], settings: GenerationSettings) -> list[tuple[str, int]]:
+        """(answer text, visual token count) per question, in batch order."""
+        from llava_drip.mm_utils import tokenizer_image_token
+        tok = self.tokenizer
+        ids = [tokenizer_image_token(self.build_prompt(q), tok) for q in batch]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, x in enumerate(ids):  # left padding, as generation continues on the right
+            input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+            mask[i, width - len(x):] = 1
+        images = self._images(batch)
+        self._visual_tokens.clear()
+        out = self.model.generate(input_ids.to(self.device), images=images, attention_mask=mask.to(self.device),
+                                  pad_token_id=tok.pad_token_id, **settings.generate_kwargs())
+        counts = list(self._visual_tokens) or [0] * len(batch)
+        if len(counts) != len(batch):
+            raise RuntimeError(f"vision tower returned {len(counts)} feature sets for {len(batch)} images")
+        results = []
+        for i, q in enumerate(batch):
+            g = counts[i] if q.image is not None else 0
+            n_embeds = len(ids[i]) - (1 if q.image is not None else 0) + g
+            if self.max_prompt_len and n_embeds > self.max_prompt_len:
+                self.truncated_prompts += 1  # the model cuts inputs to its training length
+            row = out[i].tolist()
+            if tok.eos_token_id in row:  # batch mates that stopped later pad this row after its EOS
+                row = row[:row.index(tok.eos_token_id)]
+            results.append((tok.decode(row, skip_special_tokens=True).strip(), g))
+        return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver shared by both scripts
+
+
+def add_common_args(p: argparse.ArgumentParser, *, temperature: float, max_new_tokens: int):
+    p.add_argument("--model-path", required=True, help="llava-drip model folder (full, LoRA or projector)")
+    p.add_argument("--model-base", default=None, help="base LLM folder for LoRA / projector-only checkpoints")
+    p.add_argument("--question-file", required=True)
+    p.add_argument("--image-folder", default="", help="image paths in the question file are relative to it")
+    p.add_argument("--answers-file", required=True, help="answers JSONL; a rerun resumes it")
+    p.add_argument("--conv-mode", default="vicuna_v1", help="vicuna_v1 (= v1, llava_v1) or plain")
+    p.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many chunks ...")
+    p.add_argument("--chunk-idx", type=int, default=0, help="... and answer this one (0-based)")
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+    p.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None)
+    p.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=max_new_tokens)
+    p.add_argument("--batch-size", type=int, default=1, help="questions per generate call (default 1, as LLaVA; left-padded, same answers in fp32)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="auto: float16 on GPU (as LLaVA), float32 on CPU")
+    p.add_argument("--seed", type=int, default=0, help="torch seed, for sampling (temperature > 0)")
+    p.add_argument("--skip-missing-images", action="store_true",
+                   help="leave out questions whose image file is missing (counted) instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing answers file instead of resuming it")
+
+
+def answer_questions(questions: list[Question], args: argparse.Namespace) -> dict:
+    """Answer this chunk's questions not yet in ``args.answers_file``; returns a summary dict."""
+    if args.batch_size < 1 or args.num_beams < 1 or args.max_new_tokens < 1:
+        raise ValueError("--batch-size, --num_beams and --max-new-tokens must be >= 1")
+    total_all = len(questions)
+    questions = get_chunk(questions, args.num_chunks, args.chunk_idx)
+    missing = find_missing_images(questions)
+    if missing and not args.skip_missing_images:
+        raise FileNotFoundError(f"image not found: {missing[0].image} (question {missing[0].qid!r}; "
+                                f"{len(missing)} of {len(questions)} images missing in this chunk; "
+                                "check --image-folder, or pass --skip-missing-images)")
+    missing_ids = {str(q.qid) for q in missing}
+    todo_all = [q for q in questions if str(q.qid) not in missing_ids]
+
+    from tqdm import tqdm
+    from llava_drip.mm_utils import get_model_name_from_path
+    torch.manual_seed(args.seed)
+    with AnswersFile(args.answers_file, get_model_name_from_path(args.model_path), args.overwrite) as answers:
+        answers.check_prompts(todo_all)
+        todo = [q for q in todo_all if str(q.qid) not in answers.done]
+        resumed = len(todo_all) - len(todo)
+        answerer = None
+        if todo:
+            answerer = Answerer(args.model_path, args.model_base, args.conv_mode, args.device, args.dtype)
+        settings = GenerationSettings(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
+        with tqdm(total=len(todo), desc=f"answering chunk {args.chunk_idx}/{args.num_chunks}", unit="q") as bar:
+            for start in range(0, len(todo), args.batch_size):
+                batch = todo[start:start + args.batch_size]
+                rows = [{"question_id": q.qid, "prompt": q.prompt, "text": text,
+                         "answer_id": uuid.uuid4().hex[:22], "model_id": answerer.model_name,
+                         "metadata": {"visual_tokens": g}}
+                        for q, (text, g) in zip(batch, answerer.answer(batch, settings))]
+                answers.write(rows)
+                bar.update(len(batch))
+        with_image = {str(q.qid) for q in todo_all if q.image is not None}
+        visual = [r["metadata"]["visual_tokens"] for k, r in answers.done.items()
+                  if k in with_image and isinstance(r.get("metadata"), dict) and "visual_tokens" in r["metadata"]]
+    summary = {
+        "answers_file": str(args.answers_file), "questions": total_all, "chunk_questions": len(questions),
+        "answered": len(todo), "resumed": resumed, "dropped_partial_line": answers.dropped_partial_line,
+        "skipped_missing_images": len(missing), "truncated_prompts": answerer.truncated_prompts if answerer else 0,
+        "mean_visual_tokens": sum(visual) / len(visual) if visual else None,
+    }
+    print(format_summary(summary))
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"{s['answers_file']}: {s['answered']} answered now, {s['resumed']} already there "
+             f"({s['chunk_questions']} questions in this chunk, {s['questions']} in the file)"]
+    if s["dropped_partial_line"]:
+        lines.append("  a truncated last line (interrupted run) was dropped and its question answered again")
+    if s["skipped_missing_images"]:
+        lines.append(f"  SKIPPED {s['skipped_missing_images']} questions whose image is missing (no answer written)")
+    if s["truncated_prompts"]:
+        lines.append(f"  WARNING {s['truncated_prompts']} prompts were longer than the model's "
+                     "tokenizer_model_max_length and were cut")
+    if s["mean_visual_tokens"] is not None:
+        lines.append(f"  visual tokens per image (mean over this chunk's image questions): {s['mean_visual_tokens']:.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Answer a LLaVA ScienceQA question file (e.g. ``llava_test_CQM-A.json``), as LLaVA's
+``llava/eval/model_vqa_science.py`` does, batched and resumable.
+
+The prompt is the first human turn with any ``<image>`` removed, put back as a leading
+``<image>\\n`` when the record has an image; ``--single-pred-prompt`` appends LLaVA's
+"Answer with the option's letter from the given choices directly." on a new line.
+
+    python -m llava_drip.eval.model_vqa_science --model-path M --question-file llava_test_CQM-A.json \\
+        --image-folder images/test --answers-file answers/M.jsonl --single-pred-prompt [--batch-size 8]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from llava_drip.constants import DEFAULT_IMAGE_TOKEN
+from llava_drip.eval.answering import SINGLE_PRED_PROMPT, Question, add_common_args, answer_questions
+from llava_drip.eval.io_utils import read_json
+
+
+def load_questions(path: str, image_folder: str, single_pred_prompt: bool) -> list[Question]:
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of {{id, image?, conversations}}, got {type(data).__name__}")
+    questions = []
+    for i, rec in enumerate(data):
+        try:
+            qid, turn = rec["id"], rec["conversations"][0]["value"]
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f"{path}: question #{i} needs 'id' and a first conversation turn, got {str(rec)[:200]}") from None
+        text = turn.replace(DEFAULT_IMAGE_TOKEN, "").strip()
+        prompt = text
+        image = None
+        if rec.get("image"):
+            image = os.path.join(image_folder, rec["image"])
+            prompt = f"{DEFAULT_IMAGE_TOKEN}\n{prompt}"
+        if single_pred_prompt:
+            text = f"{text}\n{SINGLE_PRED_PROMPT}"
+            prompt = f"{prompt}\n{SINGLE_PRED_PROMPT}"
+        questions.append(Question(qid=qid, text=text, prompt=prompt, image=image))
+    ids = [str(q.qid) for q in questions]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: question ids repeat")
+    return questions
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_common_args(parser, temperature=0.0, max_new_tokens=128)
+    parser.add_argument("--single-pred-prompt", action="store_true",
+                        help="append LLaVA's \"Answer with the option's letter ...\" instruction")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    questions = load_questions(args.question_file, args.image_folder, args.single_pred_prompt)
+    return answer_questions(questions, args)
+
+
+if __name__ == "__main__":
+    main()
+    raise SystemExit(0)
