@@ -1,0 +1,271 @@
+"""`llava-drip serve-api`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over one ChatEngine.
+
+POST /v1/chat/completions (non-streaming, or SSE with `stream: true`) and GET /v1/models. Images come
+as `image_url` content parts holding data URLs (`data:image/png;base64,...`); the server fetches
+nothing from the network, so http(s) URLs are refused. One image per conversation, placed in the
+first user turn as LLaVA was trained. Responses carry OpenAI's `usage` (prompt tokens include the
+visual ones) plus `visual_tokens: {in, out}`: patch tokens and the tokens DRIP kept.
+
+With an API key configured (the env var named by --api-key-env) every request needs
+`Authorization: Bearer <key>`; the key is never printed or logged.
+"""
+import argparse
+import base64
+import binascii
+import hmac
+import io
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from typing import Iterator, Optional, Tuple
+
+from PIL import Image
+
+from .engine import ChatEngine, ChatStats
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 256
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 type_: str = "invalid_request_error", code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---- request parsing ---------------------------------------------------------------------------------
+def decode_data_url(url: str, param: str) -> Image.Image:
+    """`data:image/<fmt>;base64,<payload>` -> PIL image; APIError(400) naming `param` otherwise."""
+    if not isinstance(url, str):
+        raise APIError(400, f"{param} must be a string", param)
+    if url.startswith(("http://", "https://")):
+        raise APIError(400, f"{param}: this server does not fetch URLs; send the image as a data URL "
+                            "(data:image/png;base64,...)", param)
+    head, sep, payload = url.partition(",")
+    if not (sep and head.startswith("data:image/") and head.endswith(";base64")):
+        raise APIError(400, f"{param} must be a base64 data URL (data:image/<format>;base64,...), "
+                            f"got {url[:40]!r}", param)
+    try:
+        raw = base64.b64decode(payload, validate=True)
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()
+            return im.copy()
+    except (binascii.Error, ValueError) as e:
+        raise APIError(400, f"{param}: invalid base64 ({e})", param) from e
+    except (OSError, Image.DecompressionBombError) as e:  # PIL's "cannot identify image file" is an OSError
+        raise APIError(400, f"{param}: not a readable image ({e})", param) from e
+
+
+def parse_messages(raw) -> Tuple[list, Optional[Image.Image]]:
+    """OpenAI messages -> (engine messages with string content, the image or None)."""
+    if not isinstance(raw, list) or not raw:
+        raise APIError(400, "messages must be a non-empty array", "messages")
+    messages, image = [], None
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise APIError(400, f"{where} must be an object", where)
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"{where}.role {m.get('role')!r} is not supported "
+                                "(system, developer, user, assistant)", f"{where}.role")
+        content = m.get("content")
+        if isinstance(content, str):
+            messages.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise APIError(400, f"{where}.content must be a string or an array of content parts",
+                           f"{where}.content")
+        texts = []
+        for j, part in enumerate(content):
+            pwhere = f"{where}.content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "image_url":
+                if role != "user":
+                    raise APIError(400, f"{pwhere}: images are accepted in user messages only", pwhere)
+                if image is not None:
+                    raise APIError(400, f"{pwhere}: this model takes one image per conversation", pwhere)
+                spec = part.get("image_url")
+                url = spec.get("url") if isinstance(spec, dict) else spec
+                image = decode_data_url(url, f"{pwhere}.image_url.url")
+            else:
+                raise APIError(400, f"{pwhere}: unsupported content part {kind!r} (text, image_url)", pwhere)
+        messages.append({"role": role, "content": "\n".join(texts)})
+    return messages, image
+
+
+def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not lo <= value <= hi:
+        kind = "an integer" if integer else "a number"
+        raise APIError(400, f"{name} must be {kind} in [{lo}, {hi}], got {value!r}", name)
+    return value
+
+
+def parse_request(body) -> dict:
+    """Validate a chat.completions body; returns the engine arguments plus `stream` options."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    for name, allowed in (("n", (None, 1)), ("stop", (None, [], "")), ("tools", (None, []))):
+        if body.get(name) not in allowed:
+            raise APIError(400, f"{name} is not supported by this server", name)
+    messages, image = parse_messages(body.get("messages"))
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    max_tokens = _number({param: max_tokens}, param, DEFAULT_MAX_TOKENS, 1, 1 << 20, integer=True)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, "stream must be a boolean", "stream")
+    options = body.get("stream_options") or {}
+    return dict(messages=messages, image=image, max_new_tokens=max_tokens,
+                temperature=float(_number(body, "temperature", 0.2, 0.0, 2.0)),
+                top_p=float(_number(body, "top_p", 0.7, 1e-6, 1.0)), stream=stream,
+                include_usage=bool(isinstance(options, dict) and options.get("include_usage")))
+
+
+# ---- responses ---------------------------------------------------------------------------------------
+def usage_fields(stats: ChatStats) -> dict:
+    return {"usage": {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
+                      "total_tokens": stats.prompt_tokens + stats.generated_tokens},
+            "visual_tokens": {"in": stats.visual_tokens_in, "out": stats.visual_tokens_out}}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def stream_events(stream, model_id: str, include_usage: bool) -> Iterator[str]:
+    """SSE lines for one ChatStream: role chunk, content chunks, finish chunk, [usage chunk], [DONE]."""
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": model_id}
+
+    def chunk(delta: dict, finish: Optional[str] = None) -> dict:
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    try:
+        yield _sse(chunk({"role": "assistant", "content": ""}))
+        for piece in stream:
+            yield _sse(chunk({"content": piece}))
+        extra = usage_fields(stream.stats)
+        yield _sse({**chunk({}, stream.stats.finish_reason), "visual_tokens": extra["visual_tokens"]})
+        if include_usage:
+            yield _sse({**head, "choices": [], **extra})
+    except Exception as e:  # headers are sent already: report in-band, as OpenAI does
+        _logger.exception("generation failed")
+        yield _sse(APIError(500, f"generation failed: {e}", type_="server_error").body())
+    finally:
+        stream.close()
+    yield "data: [DONE]\n\n"
+
+
+def create_app(engine: ChatEngine, model_id: str, api_key: Optional[str] = None):
+    """The FastAPI app. api_key None or empty: no authentication."""
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="llava-drip", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), type_=kind).body(),
+                            status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return JSONResponse(APIError(400, str(exc.errors())[:500]).body(), status_code=400)
+
+    def check_key(request: Request):
+        if not api_key:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                           type_="invalid_request_error", code="invalid_api_key")
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def list_models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                            "owned_by": "llava-drip"}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(request: Request):
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from e
+        req = await run_in_threadpool(parse_request, body)
+        if body.get("model") not in (None, model_id):
+            raise APIError(404, f"model {body['model']!r} does not exist; this server serves {model_id!r}",
+                           "model", code="model_not_found")
+        args = dict(temperature=req["temperature"], top_p=req["top_p"], max_new_tokens=req["max_new_tokens"])
+        try:
+            if req["stream"]:
+                stream = await run_in_threadpool(engine.stream, req["messages"], req["image"], **args)
+                return StreamingResponse(stream_events(stream, model_id, req["include_usage"]),
+                                         media_type="text/event-stream")
+            text, stats = await run_in_threadpool(engine.chat, req["messages"], req["image"], **args)
+        except ValueError as e:  # the engine's input checks: roles, order, prompt length
+            raise APIError(400, str(e), "messages") from e
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": stats.finish_reason}],
+                **usage_fields(stats)}
+
+    return app
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="llava-drip serve-api", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", required=True, help="model folder (full, LoRA or projector checkpoint)")
+    p.add_argument("--model-base", default=None, help="base LLM for LoRA / projector checkpoints")
+    p.add_argument("--model-name", default=None, help="model id clients send (default: the folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it on the network)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at startup)")
+    p.add_argument("--api-key-env", default="LLAVA_DRIP_API_KEY",
+                   help="env var holding the API key; unset or empty: no authentication")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    args = p.parse_args(argv)
+
+    import uvicorn
+    from llava_drip.mm_utils import get_model_name_from_path
+    api_key = os.environ.get(args.api_key_env) or None
+    model_id = args.model_name or get_model_name_from_path(args.model_path)
+    engine = ChatEngine(args.model_path, model_base=args.model_base, device=args.device)
+    auth = f"API key required (from ${args.api_key_env})" if api_key else f"no API key (${args.api_key_env} is unset)"
+    print(f"serving {model_id!r} from {args.model_path}; {auth}", flush=True)
+    if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: {args.host} is reachable from other machines and no API key is set", file=sys.stderr)
+    uvicorn.run(create_app(engine, model_id, api_key), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

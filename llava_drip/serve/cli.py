@@ -1,0 +1,74 @@
+"""`llava-drip chat`: chat with a model in the terminal, as LLaVA's `llava.serve.cli` does.
+
+Reads one user message per line from stdin until EOF (Ctrl-D), streaming each answer after
+"ASSISTANT: ". With --image-file the image goes into the first turn, and the number of visual
+tokens DRIP kept for it is printed once before the chat starts.
+"""
+import argparse
+import sys
+
+from PIL import Image
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="llava-drip chat", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", required=True, help="model folder (full, LoRA or projector checkpoint)")
+    p.add_argument("--model-base", default=None, help="base LLM for LoRA / projector checkpoints")
+    p.add_argument("--image-file", default=None, help="image for the conversation (any format PIL reads)")
+    p.add_argument("--temperature", type=float, default=0.2, help="0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--conv-mode", default="vicuna_v1", help="conversation template")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+
+    image = None
+    if args.image_file:
+        try:  # kept in its own mode: the engine composites transparency over white
+            with Image.open(args.image_file) as im:
+                im.load()
+                image = im.copy()
+        except OSError as e:  # missing file, or not an image PIL can read
+            print(f"llava-drip chat: cannot read image {args.image_file}: {e}", file=sys.stderr)
+            return 2
+    from .engine import ChatEngine, visual_token_summary  # after the image check: a bad path fails fast
+    engine = ChatEngine(args.model_path, model_base=args.model_base, device=args.device,
+                        conv_template=args.conv_mode)
+    tokens = None
+    if image is not None:
+        tokens = engine.encode_image(image)  # once: every turn reuses the same pixels and count
+        print(visual_token_summary(tokens.tokens_in, tokens.tokens_out), flush=True)
+
+    history = []
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("USER: " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print()
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if not interactive:
+            print(f"USER: {line}")
+        history.append({"role": "user", "content": line})
+        try:
+            stream = engine.stream(history, tokens, temperature=args.temperature, top_p=args.top_p,
+                                   max_new_tokens=args.max_new_tokens)
+        except ValueError as e:  # e.g. the conversation outgrew the context
+            print(f"llava-drip chat: {e}", file=sys.stderr)
+            return 1
+        print("ASSISTANT: ", end="", flush=True)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print(flush=True)
+        history.append({"role": "assistant", "content": stream.text})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

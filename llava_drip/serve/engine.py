@@ -1,0 +1,315 @@
+"""One loaded LLaVA-DRIP model behind a lock: the shared back end of the demo, CLI chat and HTTP API.
+
+Messages use OpenAI's shape, `{"role": "system" | "user" | "assistant", "content": str}`, and the
+conversation holds at most one image, which goes into the first user turn (LLaVA's convention, and
+what the model was trained on). Prompts are rendered with the `vicuna_v1` template by default.
+"""
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+from PIL import Image
+
+from llava_drip.constants import DEFAULT_IMAGE_TOKEN
+from llava_drip.conversation import get_conv_template
+from llava_drip.mm_utils import process_images, tokenizer_image_token
+
+_logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class ChatStats:
+    """What one answer cost. Visual counts are 0 for a text-only conversation."""
+    visual_tokens_in: int  # patch tokens the vision tower saw
+    visual_tokens_out: int  # tokens it handed to the LLM (DRIP's segments)
+    prompt_tokens: int  # tokens the LLM prefilled: text plus visual
+    generated_tokens: int
+    latency_s: float
+    finish_reason: str = "stop"  # "stop" (EOS) or "length" (hit max_new_tokens)
+
+    @property
+    def visual_ratio(self) -> float:
+        """Kept / in (1.0 keeps every patch); 0.0 without an image."""
+        return self.visual_tokens_out / self.visual_tokens_in if self.visual_tokens_in else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "visual_ratio": self.visual_ratio}
+
+
+@dataclass
+class ImageTokens:
+    """An image as the model sees it: the pixel tensor and the visual-token counts."""
+    pixel_values: torch.Tensor  # [1, 3, H, W]
+    tokens_in: int
+    tokens_out: int
+
+
+def visual_token_summary(tokens_in: int, tokens_out: int) -> str:
+    """'DRIP kept 14 of 64 visual tokens (4.6x fewer)'."""
+    if tokens_out <= 0:
+        return f"DRIP kept 0 of {tokens_in} visual tokens"
+    factor = tokens_in / tokens_out
+    tail = f" ({factor:.1f}x fewer)" if tokens_out < tokens_in else " (no reduction)"
+    return f"DRIP kept {tokens_out} of {tokens_in} visual tokens{tail}"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB, transparency over white (inspect.tokens owns the conversion rules)."""
+    from llava_drip.inspect.tokens import to_rgb as _to_rgb
+    return _to_rgb(img)
+
+
+def validate_messages(messages: Sequence[dict]) -> List[dict]:
+    """Check roles and order; return the messages with string content.
+
+    Allowed: an optional leading system message, then user/assistant turns alternating,
+    starting and ending with a user turn.
+    """
+    if not messages:
+        raise ValueError("messages is empty: send at least one user message")
+    out = []
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ValueError(f"messages[{i}].role is {role!r}; expected one of {ROLES}")
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        if role == "system" and i != 0:
+            raise ValueError(f"messages[{i}]: a system message may only come first")
+        out.append({"role": role, "content": content})
+    turns = out[1:] if out[0]["role"] == "system" else out
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise ValueError(f"turns must alternate user/assistant starting with user; "
+                             f"turn {i} is {m['role']!r}")
+    if not turns or turns[-1]["role"] != "user":
+        raise ValueError("the last message must be a user message")
+    return out
+
+
+class ChatEngine:
+    """Load a model folder once; answer conversations one at a time (a lock guards generate).
+
+    Args:
+        model_path: a folder `load_pretrained_model` accepts (full, LoRA or projector checkpoint).
+        model_base: base LLM folder for LoRA / projector checkpoints.
+        device: torch device string.
+        conv_template: conversation template name (see llava_drip.conversation).
+    """
+
+    def __init__(self, model_path: str, model_base: Optional[str] = None, device: str = "cpu",
+                 conv_template: str = "vicuna_v1"):
+        from llava_drip.model.builder import load_pretrained_model
+        model_path = os.path.expanduser(model_path)
+        self.model_path = model_path
+        self.tokenizer, self.model, self.image_processor, self.context_len = load_pretrained_model(
+            model_path, model_base=model_base, device=device)
+        self.device = device
+        self.conv_template = conv_template
+        get_conv_template(conv_template)  # fail now on an unknown name, not at the first request
+        # prepare_inputs_labels_for_multimodal cuts embeddings at this length; keep prompts under it
+        self.max_prompt_tokens = min(self.context_len,
+                                     getattr(self.model.config, "tokenizer_model_max_length", None) or self.context_len)
+        self._lock = threading.Lock()
+
+    @property
+    def vision_tower(self):
+        return self.model.get_vision_tower()
+
+    # ---- inputs ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> ImageTokens:
+        """Preprocess one image (any mode or size) and count the visual tokens the tower keeps."""
+        pixels = process_images([to_rgb(image)], self.image_processor, self.model.config)
+        pixels = pixels.to(self.device, dtype=self.model.dtype)
+        tower = self.vision_tower
+        with self._lock:
+            tokens_out = int(tower(pixels)[0].shape[0])
+        return ImageTokens(pixels, int(tower.num_patches), tokens_out)
+
+    def render_prompt(self, messages: Sequence[dict], with_image: bool) -> str:
+        conv = get_conv_template(self.conv_template)
+        if messages and messages[0]["role"] == "system":
+            conv.system = messages[0]["content"]
+            messages = messages[1:]
+        for i, m in enumerate(messages):
+            text = m["content"]
+            if i == 0 and with_image:
+                text = DEFAULT_IMAGE_TOKEN + "\n" + text.replace(DEFAULT_IMAGE_TOKEN, "").strip()
+            else:
+                text = text.replace(DEFAULT_IMAGE_TOKEN, "")  # one image only: stray markers would add sentinels
+            conv.append_message(conv.roles[0] if m["role"] == "user" else conv.roles[1], text)
+        conv.append_message(conv.roles[1], None)
+        return conv.get_prompt()
+
+    def _fit_prompt(self, messages: List[dict], image: Optional[ImageTokens], max_new_tokens: int):
+        """Tokenize, dropping the oldest exchanges after the first (it carries the image) if too long.
+
+        Returns (input_ids [1, T] with the -200 sentinel, prompt tokens the LLM sees, max_new_tokens).
+        """
+        visual = image.tokens_out - 1 if image is not None else 0  # the sentinel becomes G tokens
+        head = 1 if messages[0]["role"] == "system" else 0
+        given = len(messages)
+        while True:
+            ids = tokenizer_image_token(self.render_prompt(messages, image is not None), self.tokenizer,
+                                        return_tensors="pt")
+            n_prompt = int(ids.shape[0]) + visual
+            turns = len(messages) - head
+            if n_prompt <= self.max_prompt_tokens or turns <= 3:
+                break
+            # keep the first user turn and its answer; drop the next exchange
+            messages = messages[:head + 2] + messages[head + 4:]
+        if len(messages) < given:
+            _logger.info("dropped %d old messages to fit the prompt in %d tokens", given - len(messages),
+                         self.max_prompt_tokens)
+        if n_prompt > self.max_prompt_tokens:
+            raise ValueError(f"the prompt is {n_prompt} tokens (visual {visual + 1 if image else 0}); "
+                             f"this model takes at most {self.max_prompt_tokens}")
+        max_new_tokens = max(1, min(int(max_new_tokens), self.context_len - n_prompt))
+        return ids.unsqueeze(0), n_prompt, max_new_tokens
+
+    def _generate_kwargs(self, ids, image, temperature, top_p, max_new_tokens) -> dict:
+        sample = temperature is not None and temperature > 0
+        kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=sample,
+                      images=image.pixel_values if image is not None else None,
+                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        if sample:
+            kwargs.update(temperature=float(temperature), top_p=float(top_p))
+        else:  # the checkpoint's generation_config may carry sampling values that greedy would warn about
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def _prepare(self, messages, image, temperature, top_p, max_new_tokens):
+        messages = validate_messages(messages)
+        if not 0 <= float(temperature) <= 2:
+            raise ValueError(f"temperature must be in [0, 2], got {temperature}")
+        if not 0 < float(top_p) <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if int(max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        tokens = image if isinstance(image, ImageTokens) else (self.encode_image(image) if image is not None else None)
+        ids, n_prompt, max_new = self._fit_prompt(messages, tokens, max_new_tokens)
+        ids = ids.to(self.device)
+        return tokens, n_prompt, self._generate_kwargs(ids, tokens, temperature, top_p, max_new), ids
+
+    def _stats(self, tokens, n_prompt, new_ids: torch.Tensor, max_new: int, t0: float) -> ChatStats:
+        ended = bool(new_ids.numel()) and int(new_ids[-1]) == self.tokenizer.eos_token_id
+        return ChatStats(tokens.tokens_in if tokens else 0, tokens.tokens_out if tokens else 0, n_prompt,
+                         int(new_ids.numel()), time.perf_counter() - t0,
+                         "length" if (not ended and new_ids.numel() >= max_new) else "stop")
+
+    def _decode(self, new_ids: torch.Tensor) -> str:
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        stop = get_conv_template(self.conv_template).stop_str
+        if stop and stop.strip() and stop in text:
+            text = text[:text.index(stop)]
+        return text.strip()
+
+    # ---- answering --------------------------------------------------------------------------------------
+    def chat(self, messages: Sequence[dict], image: "Image.Image | ImageTokens | None" = None,
+             temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 128):
+        """Answer the last user message. Returns (text, ChatStats).
+
+        Args:
+            messages: OpenAI-style messages, string content, ending with a user turn.
+            image: the conversation's image (PIL of any mode/size, or an `encode_image` result), or None.
+            temperature: 0 for greedy decoding.
+        """
+        t0 = time.perf_counter()
+        tokens, n_prompt, kwargs, ids = self._prepare(messages, image, temperature, top_p, max_new_tokens)
+        with self._lock:
+            out = self.model.generate(ids, **kwargs)
+        new_ids = out[0]
+        return self._decode(new_ids), self._stats(tokens, n_prompt, new_ids, kwargs["max_new_tokens"], t0)
+
+    def stream(self, messages: Sequence[dict], image: "Image.Image | ImageTokens | None" = None,
+               temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 128) -> "ChatStream":
+        """Like `chat`, but returns a ChatStream: iterate it for text pieces, then read `.stats`.
+
+        Input errors raise here, before any generation starts.
+        """
+        t0 = time.perf_counter()
+        tokens, n_prompt, kwargs, ids = self._prepare(messages, image, temperature, top_p, max_new_tokens)
+        return ChatStream(self, ids, kwargs, lambda new_ids: self._stats(tokens, n_prompt, new_ids,
+                                                                          kwargs["max_new_tokens"], t0))
+
+
+class ChatStream:
+    """Text pieces of one answer as generate produces them (generate runs in a worker thread).
+
+    `close()` (or leaving a `with` block) stops generation early, e.g. when an HTTP client goes away.
+    """
+
+    def __init__(self, engine: ChatEngine, ids: torch.Tensor, kwargs: dict, make_stats):
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        self._cancel = threading.Event()
+        cancel = self._cancel
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        # generate gets inputs_embeds, so its first put() is an empty prompt: skip_prompt drops it
+        self._streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._engine, self._make_stats = engine, make_stats
+        self._error: Optional[BaseException] = None
+        self._new_ids: Optional[torch.Tensor] = None
+        self.text = ""
+        self.stats: Optional[ChatStats] = None
+        kwargs = dict(kwargs, streamer=self._streamer, stopping_criteria=StoppingCriteriaList([_Cancelled()]))
+        self._thread = threading.Thread(target=self._run, args=(ids, kwargs), daemon=True)
+        self._thread.start()
+
+    def _run(self, ids, kwargs):
+        try:
+            with self._engine._lock:
+                self._new_ids = self._engine.model.generate(ids, **kwargs)[0]
+        except BaseException as e:  # handed to the consumer thread, which re-raises it
+            self._error = e
+            self._streamer.end()
+
+    def __iter__(self) -> Iterator[str]:
+        stop = get_conv_template(self._engine.conv_template).stop_str.strip()
+        drained = False
+        try:
+            for piece in self._streamer:
+                if not piece:
+                    continue
+                if stop and stop in self.text + piece:  # a template whose stop string is plain text
+                    piece = (self.text + piece)[:(self.text + piece).index(stop)][len(self.text):]
+                    if piece:
+                        self.text += piece
+                        yield piece
+                    break
+                self.text += piece
+                yield piece
+            drained = True
+        finally:
+            if not drained:  # the consumer dropped the iterator (or a stop string hit): stop generating
+                self.close()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        new_ids = self._new_ids if self._new_ids is not None else torch.zeros(0, dtype=torch.long)
+        self.stats = self._make_stats(new_ids)
+        self.text = self._engine._decode(new_ids) if not self._cancel.is_set() else self.text.strip()
+
+    def close(self):
+        self._cancel.set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        self._thread.join()
+
+
+__all__ = ["ChatEngine", "ChatStats", "ChatStream", "ImageTokens", "visual_token_summary", "validate_messages"]
