@@ -7,6 +7,12 @@ Forward (batch first):
   -> group-mean pooling [B, S, D] + valid mask -> CLS re-attached -> ln_short
   -> post_blocks on [B, 1+S, D] with a key-padding mask -> ln_post -> pool -> proj
 
+attn_impl='packed' runs the same post-pooling stack on every image's rows stacked into one
+[sum_b (1+G_b), D] tensor: token-wise layers see no padding, and only the attention core is laid
+out as [B, 1+S] with a key mask (its cost is ~1 % of a block at these lengths). Outputs match the
+padded path; it needs the masked semantics (pad_mask on, reference_mean off), since the reference
+lets pad rows take part in attention and the mean.
+
 Parameter names follow open_clip's VisionTransformer (conv1, class_embedding, positional_embedding,
 ln_pre, resblock ln_1/attn/ln_2/mlp.c_fc/mlp.c_proj, ln_post, proj) so ViT weights map one to one.
 """
@@ -21,9 +27,10 @@ from torch.utils.checkpoint import checkpoint
 
 from .boundary import (EVAL_MODES, BoundaryPredictor, binomial_prior_loss, check_prior,
                        deterministic_boundaries, sample_boundaries)
-from .pooling import group_mean_pool
+from .pooling import PackedGroups, group_mean_pool, pack_groups
 
 POOL_TYPES = ("mean_incl_cls", "mean_excl_cls", "cls", "last")
+ATTN_IMPLS = ("padded", "packed", "auto")
 
 
 class Block(nn.Module):
@@ -58,6 +65,21 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, attend: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.attention(self.ln_1(x), attend)
+        return x + self.mlp(self.ln_2(x))
+
+    def attention_packed(self, x: torch.Tensor, layout: PackedGroups) -> torch.Tensor:
+        T, D = x.shape
+        B, L = layout.attend.shape
+        qkv = layout.to_padded(F.linear(x, self.attn.in_proj_weight, self.attn.in_proj_bias))  # [B, L, 3D]
+        q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        mask = None if layout.dense else layout.attend[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = layout.from_padded(out.transpose(1, 2).reshape(B, L, D))
+        return self.attn.out_proj(out)
+
+    def forward_packed(self, x: torch.Tensor, layout: PackedGroups) -> torch.Tensor:
+        """x: [T, D] packed rows of every image (see pooling.PackedGroups)."""
+        x = x + self.attention_packed(self.ln_1(x), layout)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -109,6 +131,7 @@ class DRIPVisionTransformer(nn.Module):
         reference_mean: bool = False,
         cover_tail: bool = True,
         shared_norm: bool = False,
+        attn_impl: str = "padded",
         act_layer=nn.GELU,
     ):
         super().__init__()
@@ -120,6 +143,11 @@ class DRIPVisionTransformer(nn.Module):
             raise ValueError(f"unknown eval_mode {eval_mode!r}; expected one of {EVAL_MODES}")
         if post_layers < 1:
             raise ValueError("DRIP needs at least one post-pooling block")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"unknown attn_impl {attn_impl!r}; expected one of {ATTN_IMPLS}")
+        if attn_impl == "packed" and (not pad_mask or reference_mean):
+            raise ValueError("attn_impl='packed' needs pad_mask=True and reference_mean=False "
+                             "(the reference semantics let padded rows into attention and the mean)")
         self.image_size = image_size
         self.patch_size = patch_size
         self.grid_size = (image_size // patch_size, image_size // patch_size)
@@ -135,6 +163,7 @@ class DRIPVisionTransformer(nn.Module):
         self.reference_mean = reference_mean
         self.cover_tail = cover_tail
         self.shared_norm = shared_norm
+        self.attn_impl = attn_impl
         self.grad_checkpointing = False
 
         scale = width ** -0.5
@@ -187,6 +216,37 @@ class DRIPVisionTransformer(nn.Module):
                 x = blk(x, attend)
         return x
 
+    def _run_blocks_packed(self, blocks, x, layout: PackedGroups, upto: Optional[int] = None):
+        for blk in blocks[:upto]:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk.forward_packed, x, layout, use_reentrant=False)
+            else:
+                x = blk.forward_packed(x, layout)
+        return x
+
+    @property
+    def uses_packed(self) -> bool:
+        """Whether forward runs the packed path ('auto' picks it whenever the semantics allow)."""
+        masked = self.pad_mask and not self.reference_mean
+        if self.attn_impl == "packed" and not masked:
+            raise ValueError("attn_impl='packed' needs pad_mask=True and reference_mean=False")
+        return self.attn_impl == "packed" or (self.attn_impl == "auto" and masked)
+
+    def pool_groups(self, x: torch.Tensor, b: torch.Tensor):
+        """Pre-block output [B, 1+N, D] + boundaries -> post-block input and its layout.
+
+        Padded: ([B, 1+S, D], valid [B, 1+S]); packed: ([T, D], PackedGroups). A separate method
+        so benchmarks can time the pooling step on its own.
+        """
+        cls, h = x[:, :1], x[:, 1:]
+        if self.uses_packed:
+            layout = pack_groups(cls[:, 0], h, b, cover_tail=self.cover_tail)
+            return layout.tokens, layout
+        pooled = group_mean_pool(h, b, cover_tail=self.cover_tail)
+        x = torch.cat([cls, pooled.groups], dim=1)
+        valid = torch.cat([torch.ones_like(pooled.valid[:, :1]), pooled.valid], dim=1)
+        return x, valid
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] -> ln_pre(CLS + patches + position) [B, 1+N, D]."""
         self._check_input(x)
@@ -223,16 +283,21 @@ class DRIPVisionTransformer(nn.Module):
         if not 0 <= idx <= M:
             raise ValueError(f"select_layer {select_layer} out of range for {M} post-pooling blocks")
         x = self.forward_pre(x)
-        cls, h = x[:, :1], x[:, 1:]
-        b = self.predict_boundaries(h, generator)
-        pooled = group_mean_pool(h, b, cover_tail=self.cover_tail)
-        x = torch.cat([cls, pooled.groups], dim=1)
-        valid = torch.cat([torch.ones_like(pooled.valid[:, :1]), pooled.valid], dim=1)
-        x = (self.ln_post if self.ln_short is None else self.ln_short)(x)
-        attend = valid if self.pad_mask else None
-        x = self._run_blocks(self.post_blocks, x, attend, upto=idx)
-        if select_layer == -1:
-            x = self.ln_post(x)
+        b = self.predict_boundaries(x[:, 1:], generator)
+        x, layout = self.pool_groups(x, b)
+        norm_short = self.ln_post if self.ln_short is None else self.ln_short
+        if isinstance(layout, PackedGroups):
+            x = self._run_blocks_packed(self.post_blocks, norm_short(x), layout, upto=idx)
+            if select_layer == -1:
+                x = self.ln_post(x)
+            x, valid = layout.to_padded(x), layout.attend
+        else:
+            valid = layout
+            # an all-valid batch needs no mask, and unmasked SDPA picks faster kernels
+            attend = valid if self.pad_mask and not bool(valid.all()) else None
+            x = self._run_blocks(self.post_blocks, norm_short(x), attend, upto=idx)
+            if select_layer == -1:
+                x = self.ln_post(x)
         return DRIPFeatures(x, valid, b, binomial_prior_loss(b, self.prior), self.num_patches)
 
     def pool(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
