@@ -71,11 +71,14 @@ def deterministic_boundaries(
     if mode == "threshold":
         return (logits > 0).to(torch.float32)
     if mode == "topk":
+        # exactly G = round(p N) segments, as in the FLOP simulation: the last token always closes
+        # one, the other G - 1 closings go to the highest logits among the rest
         n = logits.shape[1]
-        k = max(0, min(n, int(round(prior * n))))
+        g = max(1, min(n, int(round(prior * n))))
         hard = torch.zeros_like(logits, dtype=torch.float32)
-        if k > 0:
-            idx = logits.topk(k, dim=1).indices
+        hard[:, -1] = 1.0
+        if g > 1:
+            idx = logits[:, :-1].topk(g - 1, dim=1).indices
             hard.scatter_(1, idx, 1.0)
         return hard
     if mode == "sample":

@@ -56,6 +56,19 @@ class GenerationSettings:
         return kw
 
 
+
+def check_unique_ids(path: str, questions: list[Question]) -> list[Question]:
+    """Answers are keyed (and resumed) by question id: a repeated id would drop or overwrite one."""
+    seen, repeated = set(), []
+    for q in questions:
+        key = str(q.qid)
+        if key in seen:
+            repeated.append(key)
+        seen.add(key)
+    if repeated:
+        raise ValueError(f"{path}: question ids repeat: {sorted(set(repeated))[:10]}")
+    return questions
+
 def get_chunk(items: Sequence, num_chunks: int, chunk_idx: int) -> list:
     """LLaVA's split: chunks of ceil(len / num_chunks) in file order; a chunk past the end is empty."""
     if num_chunks < 1 or not 0 <= chunk_idx < num_chunks:

@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 
-from llava_drip.eval.answering import Question, add_common_args, answer_questions
+from llava_drip.eval.answering import Question, add_common_args, answer_questions, check_unique_ids
 from llava_drip.eval.io_utils import iter_jsonl
 
 
@@ -23,10 +23,7 @@ def load_questions(path: str, image_folder: str) -> list[Question]:
             raise ValueError(f"{path}:{lineno}: a question needs 'question_id' and 'text' (keys: {sorted(rec)})")
         image = os.path.join(image_folder, rec["image"]) if rec.get("image") else None
         questions.append(Question(qid=rec["question_id"], text=rec["text"], prompt=rec["text"], image=image))
-    ids = [str(q.qid) for q in questions]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: question ids repeat")
-    return questions
+    return check_unique_ids(path, questions)
 
 
 def main(argv: list[str] | None = None) -> dict:

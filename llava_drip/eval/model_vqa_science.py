@@ -15,7 +15,7 @@ import logging
 import os
 
 from llava_drip.constants import DEFAULT_IMAGE_TOKEN
-from llava_drip.eval.answering import SINGLE_PRED_PROMPT, Question, add_common_args, answer_questions
+from llava_drip.eval.answering import SINGLE_PRED_PROMPT, Question, add_common_args, answer_questions, check_unique_ids
 from llava_drip.eval.io_utils import read_json
 
 
@@ -39,10 +39,7 @@ def load_questions(path: str, image_folder: str, single_pred_prompt: bool) -> li
             text = f"{text}\n{SINGLE_PRED_PROMPT}"
             prompt = f"{prompt}\n{SINGLE_PRED_PROMPT}"
         questions.append(Question(qid=qid, text=text, prompt=prompt, image=image))
-    ids = [str(q.qid) for q in questions]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: question ids repeat")
-    return questions
+    return check_unique_ids(path, questions)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,6 +15,8 @@ import sys
 import time
 
 LLM_SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=1000),  # tests
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=8, vocab_size=32000),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -45,7 +47,7 @@ def _measure(tower: str, llm: str, batch: int, text_tokens: int, iters: int, dev
     vt = model.get_vision_tower()
     size = vt.image_processor.crop_size["height"]
     images = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    ids = torch.randint(3, 1000, (batch, text_tokens + 1), device=device)
+    ids = torch.randint(3, cfg.vocab_size, (batch, text_tokens + 1), device=device)
     ids[:, 1] = IMAGE_TOKEN_INDEX  # BOS, image, then the question
     mask = torch.ones_like(ids)
 

@@ -1,7 +1,8 @@
 """Build a small but trained LLaVA-DRIP on CPU, in one process: the built-in model of the demo and tests.
 
-synthetic shapes data -> tiny Llama (+ short text pretraining) -> DRIP tower (a clip-train checkpoint,
-or a seeded random one) -> stage 1 (projector, `plain`) -> stage 2 (full, `vicuna_v1`).
+synthetic shapes data -> tiny Llama (+ short text pretraining) -> DRIP tower (given, or pretrained here
+with `llava-drip clip-train` on synthetic image-caption pairs, or seeded random with clip_epochs=0)
+-> stage 1 (projector, `plain`) -> stage 2 (full, `vicuna_v1`).
 Every step is the real code path (HF Trainer, the same train.py), only sized down; DeepSpeed is left
 out here so the demo starts without compiling ops (tests cover the DeepSpeed launcher separately).
 
@@ -34,9 +35,33 @@ def save_random_tower(model_name: str, path: str, seed: int = 0):
     return path
 
 
+def pretrain_tower(out: str, tower: str, seed: int = 0, n: int = 2000, epochs: int = 3) -> str:
+    """Contrastive pretraining of the tower with `llava-drip clip-train` (open_clip_train's loop) on
+    synthetic shape captions; returns the exported model.safetensors."""
+    from llava_drip.clip.checkpoint import export_weights
+    from llava_drip.clip.train import main as clip_train
+    from llava_drip.data import synth_clip
+
+    weights = os.path.join(out, f"{tower}-clip.safetensors")
+    if os.path.isfile(weights):
+        return weights
+    data = os.path.join(out, "clip_data")
+    if not os.path.isfile(os.path.join(data, "train.csv")):
+        synth_clip.main(["--out", data, "--n", str(n), "--seed", str(seed), "--val-per-class", "5", "--quiet"])
+    logs = os.path.join(out, "clip_runs")
+    rc = clip_train(["--model", tower, "--train-data", os.path.join(data, "train.csv"), "--dataset-type", "csv",
+                     "--batch-size", "64", "--epochs", str(epochs), "--lr", "1e-3", "--warmup", "20", "--wd", "0.1",
+                     "--precision", "fp32", "--device", "cpu", "--workers", "0", "--seed", str(seed),
+                     "--logs", logs, "--name", tower, "--log-every-n-steps", "10", "--save-most-recent"])
+    ckpt = os.path.join(logs, tower, "checkpoints", f"epoch_{epochs}.pt")
+    if rc != 0 or not os.path.isfile(ckpt):
+        raise RuntimeError(f"tower pretraining failed (rc {rc}); log: {os.path.join(logs, tower, 'out.log')}")
+    return str(export_weights(ckpt, weights, tower))
+
+
 def build(out: str, n: int = 600, seed: int = 0, tower: str = "DRIP-4x-tiny", tower_checkpoint: Optional[str] = None,
           lm_steps: int = 150, stage1_epochs: int = 1, stage2_epochs: int = 2, lora: bool = False,
-          force: bool = False) -> str:
+          clip_epochs: int = 3, drip_eval_mode: str = "threshold", force: bool = False) -> str:
     """Run the whole tiny pipeline into `out` (skipping finished steps) and return the stage-2 folder."""
     from llava_drip.data import synth_llava
     from llava_drip.train import tiny
@@ -55,12 +80,15 @@ def build(out: str, n: int = 600, seed: int = 0, tower: str = "DRIP-4x-tiny", to
     if not os.path.isfile(os.path.join(llm, "config.json")):
         lines = tiny.corpus_from_llava_json([os.path.join(data, "pretrain.json"), os.path.join(data, "finetune.json")])
         tiny.build_tiny_llm(llm, lines, seed=seed, lm_steps=lm_steps)
-    if tower_checkpoint is None:
+    if tower_checkpoint is None and clip_epochs > 0:
+        tower_checkpoint = pretrain_tower(out, tower, seed, epochs=clip_epochs)
+    elif tower_checkpoint is None:
         tower_checkpoint = os.path.join(out, f"{tower}-seed{seed}.safetensors")
         if not os.path.isfile(tower_checkpoint):
             save_random_tower(tower, tower_checkpoint, seed)
     common = dict(model_name_or_path=llm, image_folder=data, vision_tower=tower,
                   vision_tower_pretrained=tower_checkpoint, mm_projector_type="mlp2x_gelu",
+                  drip_eval_mode=drip_eval_mode,
                   per_device_train_batch_size=16, model_max_length=384)
     s1 = os.path.join(out, "stage1")
     if not os.path.isfile(os.path.join(s1, "mm_projector.bin")):
@@ -80,11 +108,16 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tower", default="DRIP-4x-tiny")
-    p.add_argument("--tower-checkpoint", default=None, help="clip-train checkpoint (default: seeded random tower)")
+    p.add_argument("--tower-checkpoint", default=None,
+                   help="clip-train checkpoint or exported weights (default: pretrain the tower here)")
+    p.add_argument("--clip-epochs", type=int, default=3,
+                   help="epochs of contrastive tower pretraining when no checkpoint is given (0: seeded random tower)")
+    p.add_argument("--drip-eval-mode", default="threshold", choices=["threshold", "topk", "sample"])
     p.add_argument("--lora", action="store_true")
     p.add_argument("--force", action="store_true", help="rebuild from scratch")
     args = p.parse_args(argv)
-    final = build(args.out, args.n, args.seed, args.tower, args.tower_checkpoint, lora=args.lora, force=args.force)
+    final = build(args.out, args.n, args.seed, args.tower, args.tower_checkpoint, lora=args.lora,
+                  clip_epochs=args.clip_epochs, drip_eval_mode=args.drip_eval_mode, force=args.force)
     summary = json.load(open(os.path.join(final, "train_summary.json")))
     print(f"tiny LLaVA ready at {final} (stage-2 loss {summary['losses'][0]:.3f} -> {summary['losses'][-1]:.3f})")
     return 0
