@@ -47,5 +47,6 @@ def test_bench_prefill_counts_visual_tokens():
     for r in rows:
         assert r["seq_len"] == 8 + r["visual_tokens"]  # 8 text tokens (BOS included) + image tokens
         assert r["token_ratio"] == pytest.approx(64 / r["visual_tokens"])
+        assert r["seq_ratio"] == pytest.approx(72 / r["seq_len"])
         assert r["prefill_ms"] > 0 and r["peak_mem_mb"] > 0
     assert "| DRIP-4x-tiny | 16.0 |" in bench_prefill.format_table(rows)
