@@ -158,3 +158,27 @@ def test_bad_samples_are_counted_and_reported(work, tmp_path):
     assert all(l > 0 for l in summary["losses"])  # never a silent zero loss
     with pytest.raises(ValueError, match="missing-image"):
         train([*args, "--strict", "True", "--output_dir", str(tmp_path / "strict")])
+
+
+def test_stage2_resumes_from_checkpoint(work, tmp_path):
+    """An interrupted stage 2 rerun into the same folder continues from checkpoint-N with the same losses."""
+    from llava_drip.train.train import train
+    args = lambda out: [*_common(work, out), "--version", "v1", "--data_path", str(work / "data" / "finetune.json"),
+                        "--image_aspect_ratio", "pad", "--max_steps", "4", "--per_device_train_batch_size", "4",
+                        "--learning_rate", "1e-3", "--save_strategy", "steps", "--save_steps", "2"]
+    straight = tmp_path / "straight"
+    train(args(straight))
+    assert {"checkpoint-2", "checkpoint-4"} <= set(os.listdir(straight))
+    # simulate a crash after step 2: only checkpoint-2 survives
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    train(args(resumed))
+    state = json.load(open(resumed / "checkpoint-4" / "trainer_state.json"))
+    assert state["global_step"] == 4
+    ref = {h["step"]: h["loss"] for h in json.load(open(straight / "checkpoint-4" / "trainer_state.json"))["log_history"]
+           if "loss" in h}
+    got = {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+    assert set(got) == {1, 2, 3, 4}
+    for step in (3, 4):  # trained after the resume
+        assert got[step] == pytest.approx(ref[step], rel=1e-4)
