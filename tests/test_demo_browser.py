@@ -11,7 +11,8 @@ from tiny_model import tiny_engine, tiny_llava  # noqa: F401  (fixtures)
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "figures" / "demo.png"
+# LLAVA_DRIP_SCREENSHOT=docs/figures/demo.png refreshes the docs' screenshot; by default it stays in tmp
+SCREENSHOT_ENV = "LLAVA_DRIP_SCREENSHOT"
 
 pytestmark = [
     pytest.mark.browser,
@@ -36,7 +37,7 @@ def demo_url(tiny_engine, tmp_path_factory):
     demo.close()
 
 
-def test_demo_upload_ask_and_token_count(demo_url, tiny_engine):
+def test_demo_upload_ask_and_token_count(demo_url, tiny_engine, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     url, examples = demo_url
     image_path = examples[0][0]
@@ -56,10 +57,12 @@ def test_demo_upload_ask_and_token_count(demo_url, tiny_engine):
         answer = bot.inner_text().strip()
         stats = tokens.inner_text()
         page.locator("#drip-map img").first.wait_for(state="visible", timeout=30_000)
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        shot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "demo.png")
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert answer
+    assert Image.open(shot).size[0] == 1280
     m = re.search(r"kept (\d+) of (\d+) visual tokens", stats)
     assert m, stats
     kept, total = int(m.group(1)), int(m.group(2))

@@ -59,10 +59,15 @@ def pretrain_tower(out: str, tower: str, seed: int = 0, n: int = 2000, epochs: i
     return str(export_weights(ckpt, weights, tower))
 
 
-def build(out: str, n: int = 600, seed: int = 0, tower: str = "DRIP-4x-tiny", tower_checkpoint: Optional[str] = None,
-          lm_steps: int = 150, stage1_epochs: int = 1, stage2_epochs: int = 2, lora: bool = False,
-          clip_epochs: int = 3, drip_eval_mode: str = "threshold", force: bool = False) -> str:
-    """Run the whole tiny pipeline into `out` (skipping finished steps) and return the stage-2 folder."""
+def build(out: str, n: int = 1500, seed: int = 0, tower: str = "DRIP-4x-tiny", tower_checkpoint: Optional[str] = None,
+          lm_steps: int = 150, stage1_epochs: int = 1, stage2_epochs: int = 3, lora: bool = False,
+          clip_epochs: int = 3, drip_eval_mode: str = "topk", force: bool = False) -> str:
+    """Run the whole tiny pipeline into `out` (skipping finished steps) and return the stage-2 folder.
+
+    drip_eval_mode defaults to 'topk' (exactly round(p N) segments, placed by the predictor): after a
+    short pretraining the predictor's probabilities sit near p for every patch, and 'threshold'
+    would keep only one or two segments.
+    """
     from llava_drip.data import synth_llava
     from llava_drip.train import tiny
     from llava_drip.train.train import train
@@ -105,14 +110,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m llava_drip.train.tiny_pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=DEFAULT_CACHE)
-    p.add_argument("--n", type=int, default=600)
+    p.add_argument("--n", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tower", default="DRIP-4x-tiny")
     p.add_argument("--tower-checkpoint", default=None,
                    help="clip-train checkpoint or exported weights (default: pretrain the tower here)")
     p.add_argument("--clip-epochs", type=int, default=3,
                    help="epochs of contrastive tower pretraining when no checkpoint is given (0: seeded random tower)")
-    p.add_argument("--drip-eval-mode", default="threshold", choices=["threshold", "topk", "sample"])
+    # 'topk': a few minutes of contrastive training leave the predictor's probabilities near p for
+    # every patch, so 'threshold' would keep one or two segments (docs/results/clip_synthetic.md)
+    p.add_argument("--drip-eval-mode", default="topk", choices=["threshold", "topk", "sample"])
     p.add_argument("--lora", action="store_true")
     p.add_argument("--force", action="store_true", help="rebuild from scratch")
     args = p.parse_args(argv)
