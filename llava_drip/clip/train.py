@@ -257,6 +257,9 @@ class _Run:
             "const_lr_cooldown": self.scheduler("const_lr_cooldown"),
         }
         handlers = list(logging.root.handlers)
+        # open_clip_train's setup_logging sets every existing logger's level; put them all back after
+        levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+        levels[None] = logging.root.level
         with contextlib.ExitStack() as stack:
             for name, fn in names.items():
                 self.orig[name] = getattr(oc_main, name)
@@ -276,6 +279,8 @@ class _Run:
                     if h not in handlers:
                         logging.root.removeHandler(h)
                         h.close()
+                for name, lvl in levels.items():  # else torch's INFO-level exit reports flood the output
+                    logging.getLogger(name).setLevel(lvl)
 
     def report_bad_rows(self):
         if not (self.args is None or is_master(self.args)):
