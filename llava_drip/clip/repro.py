@@ -257,6 +257,13 @@ def write_markdown(path: Path, rows: List[Dict], meta: Dict):
             f"- **{r['model']}** {verdict} top-1 against {base['model']} ({d1:+.1f} points; top-5 "
             f"{100 * (r['top5'] - base['top5']):+.1f}) at {fl:.2f}x its GFLOPs (realised ratio "
             f"{r['eval_group_ratio']:.2f}, target {r['prior']}) and {st:.2f}x its interleaved step time.")
+    colour = [100 * r["colour_acc"] for r in rows]
+    shape = ", ".join(f"{r['model']} {_pct(r['shape_acc'])} %" for r in rows)
+    lines.append(
+        f"- Every model learns colour ({min(colour):.1f}-{max(colour):.1f} % of top-1 classes have the right "
+        f"colour); shape is where they differ, and where the budget runs out: shape right {shape}, "
+        f"against {100 / meta['num_shapes']:.1f} % by chance. The right colour with a guessed shape gives "
+        f"{100 / meta['num_shapes']:.1f} % top-1, so top-1 above that is shapes recognised.")
     lines += [""] + meta["notes"] + [""]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -291,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--n", type=int, default=3000, help="training pairs")
     p.add_argument("--val-per-class", type=int, default=20)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=20)
