@@ -43,7 +43,12 @@ def main(argv=None) -> int:
     target, _ = COMMANDS[key]
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    rc = func(argv[len(key.split()):])
+    try:
+        rc = func(argv[len(key.split()):])
+    except FileNotFoundError as e:
+        # a missing input named on the command line: say which, without a traceback
+        print(f"llava-drip {key}: {e}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

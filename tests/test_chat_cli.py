@@ -3,6 +3,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tiny_model import tiny_llava  # noqa: F401  (fixture)
 
 from llava_drip.data.shapes import Scene, render, rng_for
@@ -35,3 +37,12 @@ def test_chat_bad_image_fails_before_loading(tmp_path):
     bad.write_text("not an image")
     r = _chat(["--model-path", str(tmp_path / "no-model"), "--image-file", str(bad)])
     assert r.returncode == 2 and "cannot read image" in r.stderr and str(bad) in r.stderr
+
+
+@pytest.mark.parametrize("command", ["chat", "serve-api", "demo"])
+def test_missing_model_folder_is_a_clear_error(command, tmp_path, capsys):
+    from llava_drip import cli
+    missing = tmp_path / "no-such-model"
+    assert cli.main([command, "--model-path", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"llava-drip {command}: model folder not found: {missing}" in err
