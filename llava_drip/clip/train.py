@@ -258,7 +258,9 @@ class _Run:
         }
         handlers = list(logging.root.handlers)
         # open_clip_train's setup_logging sets every existing logger's level; put them all back after
-        levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+        # (placeholder names become loggers there: they go back to NOTSET, as if created later)
+        levels = {name: lg.level if isinstance(lg, logging.Logger) else logging.NOTSET
+                  for name, lg in logging.root.manager.loggerDict.items()}
         levels[None] = logging.root.level
         with contextlib.ExitStack() as stack:
             for name, fn in names.items():
