@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import llava_drip.drip as drip
 from llava_drip.classify import train as classify
-from llava_drip.clip.checkpoint import save_safetensors_atomic
+from llava_drip.utils import atomic_save_tensors
 from llava_drip.data import synth_clip
 
 
@@ -20,7 +20,7 @@ def folders(tmp_path_factory):
         assert synth_clip.main(["--out", str(root / name), "--n", "1", "--val-per-class", str(per_class),
                                 "--seed", str(seed), "--quiet"]) == 0
     torch.manual_seed(0)
-    weights = save_safetensors_atomic(drip.create_model("DRIP-4x-tiny").state_dict(), root / "init.safetensors")
+    weights = atomic_save_tensors(drip.create_model("DRIP-4x-tiny").state_dict(), root / "init.safetensors")
     return root / "a" / "val", root / "b" / "val", weights
 
 

@@ -16,7 +16,7 @@ import torch
 import llava_drip.drip as drip
 from llava_drip.clip import train as clip_train
 from llava_drip.clip import zeroshot
-from llava_drip.clip.checkpoint import save_safetensors_atomic
+from llava_drip.utils import atomic_save_tensors
 from llava_drip.clip.loss import DRIPLoss
 from llava_drip.clip.monitor import NonFiniteLossError, StepMonitor, instrument_optimizer
 from llava_drip.data import synth_clip
@@ -179,7 +179,7 @@ def test_run_stops_after_consecutive_nonfinite_losses(synth, tmp_path):
     model = drip.create_model("DRIP-4x-tiny")
     with torch.no_grad():
         model.logit_scale.fill_(float("nan"))  # every contrastive loss is NaN from the first step
-    weights = save_safetensors_atomic(model.state_dict(), tmp_path / "nan.safetensors")
+    weights = atomic_save_tensors(model.state_dict(), tmp_path / "nan.safetensors")
     argv = _base(synth, tmp_path, "nan", batch=8) + ["--pretrained", str(weights), "--max-skipped-steps", "3"]
     assert clip_train.main(argv) == 1
     steps = _steps(tmp_path / "nan")

@@ -22,11 +22,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from open_clip_train.scheduler import cosine_lr
+from open_clip_train.zero_shot import accuracy
 from torchvision.datasets import ImageFolder
 
-import llava_drip.drip as drip
-from llava_drip.clip.checkpoint import save_safetensors_atomic, write_json_atomic
+from llava_drip.clip.zeroshot import load_model_and_transforms
 from llava_drip.drip.boundary import EVAL_MODES
+from llava_drip.eval.io_utils import write_json
+from llava_drip.utils import atomic_save_tensors
 
 DEFAULT_LR = {"linear": 1e-2, "finetune": 1e-4}
 
@@ -41,11 +43,9 @@ class ClassifierHead(nn.Module):
         return self.fc(self.norm(x))
 
 
-def _topk(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> List[float]:
-    k_max = min(max(ks), logits.shape[1])
-    pred = logits.topk(k_max, dim=1).indices
-    hit = pred.eq(target[:, None])
-    return [hit[:, :min(k, k_max)].any(dim=1).float().sum().item() for k in ks]
+def _topk(logits: torch.Tensor, target: torch.Tensor) -> List[float]:
+    """Correct counts at top-1 and top-5 (top-k capped at the class count), as open_clip_train counts them."""
+    return accuracy(logits, target, topk=(1, min(5, logits.shape[1])))
 
 
 def _image_features(visual, images: torch.Tensor, with_aux: bool):
@@ -96,16 +96,7 @@ def run(args) -> Dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.mode]
-    kwargs = {}
-    if args.eval_mode:
-        if not drip.is_drip(args.model):
-            raise ValueError(f"--eval-mode applies only to DRIP models, not {args.model}")
-        kwargs["eval_mode"] = args.eval_mode
-    model, preprocess_train, preprocess_val = drip.create_model_and_transforms(args.model, output_dict=True, **kwargs)
-    try:
-        drip.load_checkpoint(model, args.checkpoint, strict=True)
-    except RuntimeError as e:  # key mismatch: a checkpoint of another model
-        raise ValueError(f"{e} (is --model {args.model} the model this checkpoint was trained as?)") from e
+    model, preprocess_train, preprocess_val = load_model_and_transforms(args.model, args.checkpoint, args.eval_mode)
     visual = model.visual.to(device)
     del model  # the text tower is not needed
 
@@ -184,12 +175,12 @@ def run(args) -> Dict:
     meta = {"model": args.model, "mode": args.mode, "classes": json.dumps(classes),
             "checkpoint": os.path.abspath(args.checkpoint)}
     if args.mode == "linear":
-        weights = save_safetensors_atomic({f"head.{k}": v for k, v in head.state_dict().items()},
-                                          out / "head.safetensors", meta)
+        weights = atomic_save_tensors({f"head.{k}": v for k, v in head.state_dict().items()},
+                                      out / "head.safetensors", metadata=meta)
     else:
         sd = {f"visual.{k}": v for k, v in visual.state_dict().items()}
         sd.update({f"head.{k}": v for k, v in head.state_dict().items()})
-        weights = save_safetensors_atomic(sd, out / "model.safetensors", meta)
+        weights = atomic_save_tensors(sd, out / "model.safetensors", metadata=meta)
     result = {"model": args.model, "mode": args.mode, "checkpoint": os.path.abspath(args.checkpoint),
               "train": os.path.abspath(args.train), "val": os.path.abspath(args.val), "num_classes": len(classes),
               "num_train": len(train_set), "num_val": len(val_set), "epochs": args.epochs, "lr": lr,
@@ -197,7 +188,7 @@ def run(args) -> Dict:
               "weights": str(weights), "history": history}
     if args.mode == "linear" and "group_ratio" in va:
         result["val_group_ratio"] = va["group_ratio"]
-    write_json_atomic(result, out / "metrics.json")
+    write_json(out / "metrics.json", result)
     return result
 
 

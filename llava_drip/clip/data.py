@@ -3,13 +3,17 @@ missing or broken file kills the run mid-epoch (inside a DataLoader worker).
 
 `CheckedCsvDataset` subclasses it, decodes every image once up front, drops the rows that fail
 and remembers each by line, path and reason. Dropping happens before the DataLoader and the
-DistributedSampler are built, so batch counts and the LR schedule see the filtered size, and every
-rank filters the same rows.
+DistributedSampler are built, so batch counts and the LR schedule see the filtered size. Each rank
+decodes its own share of the rows (in a thread pool: PIL releases the GIL while decoding) and the
+ranks exchange what failed, so every rank drops the same rows and no file is decoded twice.
 """
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List
+
+import torch.distributed as dist
 
 import pandas as pd
 from open_clip_train.data import CsvDataset
@@ -52,18 +56,12 @@ class CheckedCsvDataset(CsvDataset):
         super().__init__(input_filename, transforms, img_key, caption_key, sep=sep, tokenizer=tokenizer)
         self.source = input_filename
         self.num_rows = len(self.images)
-        self.bad_rows: List[Dict] = []
-        images, captions = [], []
-        for i, (img, cap) in enumerate(zip(self.images, self.captions)):
-            problem = _caption_problem(cap) or _image_problem(img)
-            if problem:
-                # line 1 is the header
-                self.bad_rows.append({"line": i + 2, "image": None if img is None else str(img), "reason": problem})
-            else:
-                images.append(img)
-                captions.append(cap)
-        self.images, self.captions = images, captions
-        if not images:
+        self.bad_rows: List[Dict] = self._find_bad_rows()
+        bad = {r["line"] - 2 for r in self.bad_rows}  # line 1 is the header
+        keep = [i for i in range(self.num_rows) if i not in bad]
+        self.images = [self.images[i] for i in keep]
+        self.captions = [self.captions[i] for i in keep]
+        if not self.images:
             first = self.bad_rows[0] if self.bad_rows else {}
             raise ValueError(f"{input_filename}: none of its {self.num_rows} rows is usable "
                              f"(first: line {first.get('line')}, {first.get('image')}: {first.get('reason')})")
@@ -71,3 +69,21 @@ class CheckedCsvDataset(CsvDataset):
             _logger.warning(f"{input_filename}: skipping {len(self.bad_rows)} of {self.num_rows} rows: "
                             + "; ".join(f"{r['image']} ({r['reason']})" for r in self.bad_rows[:5])
                             + (" ..." if len(self.bad_rows) > 5 else ""))
+
+    def _find_bad_rows(self) -> List[Dict]:
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        mine = range(rank, self.num_rows, world)
+
+        def check(i):
+            return _caption_problem(self.captions[i]) or _image_problem(self.images[i])
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            problems = list(pool.map(check, mine))
+        bad = [{"line": i + 2, "image": None if self.images[i] is None else str(self.images[i]), "reason": p}
+               for i, p in zip(mine, problems) if p]
+        if distributed:
+            shards = [None] * world
+            dist.all_gather_object(shards, bad)
+            bad = [r for shard in shards for r in shard]
+        return sorted(bad, key=lambda r: r["line"])

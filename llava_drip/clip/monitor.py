@@ -12,7 +12,6 @@ Outputs in the run's log folder (rank 0):
 import contextlib
 import json
 import logging
-import resource
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -20,75 +19,13 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from .checkpoint import write_json_atomic
+from llava_drip.eval.io_utils import write_json
+from llava_drip.utils import PeakMemory
 
 _logger = logging.getLogger(__name__)
 
-_CLEAR_REFS = "/proc/self/clear_refs"
-_STATUS = "/proc/self/status"
-
-
 class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive optimizer steps were skipped for a non-finite loss."""
-
-
-class PeakMemory:
-    """Peak memory of one step: CUDA allocator peak on GPU, peak resident set size on CPU.
-
-    On Linux, writing 5 to /proc/self/clear_refs resets the kernel's RSS high-water mark (VmHWM),
-    the CPU counterpart of torch.cuda.reset_peak_memory_stats. Elsewhere only getrusage's
-    ru_maxrss is available, a process-lifetime high-water mark that cannot be reset.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            self.kind = "cuda_max_memory_allocated"
-        elif self._can_reset_hwm():
-            self.kind = "cpu_peak_rss_per_step"
-        else:
-            self.kind = "cpu_peak_rss_since_start"
-
-    @staticmethod
-    def _can_reset_hwm() -> bool:
-        try:
-            with open(_CLEAR_REFS, "w") as f:
-                f.write("5")
-            return PeakMemory._vm_hwm_kb() is not None
-        except OSError:
-            return False
-
-    @staticmethod
-    def _vm_hwm_kb() -> Optional[int]:
-        try:
-            with open(_STATUS) as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1])
-        except OSError:
-            return None
-        return None
-
-    def reset(self):
-        if self.kind == "cuda_max_memory_allocated":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.kind == "cpu_peak_rss_per_step":
-            with open(_CLEAR_REFS, "w") as f:
-                f.write("5")
-
-    def peak_mb(self) -> float:
-        if self.kind == "cuda_max_memory_allocated":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        if self.kind == "cpu_peak_rss_per_step":
-            return self._vm_hwm_kb() / 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-    def describe(self) -> str:
-        return {
-            "cuda_max_memory_allocated": "torch.cuda.max_memory_allocated, reset every step",
-            "cpu_peak_rss_per_step": "peak resident set size of the training process, reset every step (VmHWM)",
-            "cpu_peak_rss_since_start": "ru_maxrss: peak resident set size since the process started (cannot be reset)",
-        }[self.kind]
 
 
 def _mean(xs: List[float]) -> Optional[float]:
@@ -190,7 +127,7 @@ class StepMonitor:
             epochs = [e for e in doc.get("epochs", []) if e["epoch"] != self._epoch]
             epochs.append(summary)
             doc = {**self.run_info, "epochs": sorted(epochs, key=lambda e: e["epoch"])}
-            write_json_atomic(doc, path)
+            write_json(path, doc)
         self._epoch = None
         return summary
 

@@ -15,7 +15,6 @@
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -27,8 +26,10 @@ from typing import Dict, List, Optional
 import torch
 
 import llava_drip.drip as drip
+from llava_drip.eval.io_utils import write_json
+from llava_drip.utils import cpu_name
 
-from .checkpoint import export_weights, write_json_atomic
+from .checkpoint import export_weights
 from .zeroshot import load_model, read_classnames, read_templates, zero_shot_accuracy
 
 MODELS = ("ViT-tiny", "DRIP-2x-tiny", "DRIP-4x-tiny", "DRIP-10x-tiny")
@@ -94,7 +95,7 @@ def train(model: str, data: Path, out: Path, a) -> Dict:
         raise SystemExit(f"[repro] training {model} failed (rc {proc.returncode}); log: {run / 'out.log'}")
     info = {"model": model, "wall_s": wall, "loadavg_start": load0, "loadavg_end": _loadavg(),
             "checkpoint": str(final), "weights": str(export_weights(final, run / "model.safetensors", model))}
-    write_json_atomic(info, info_path)
+    write_json(info_path, info)
     print(f"[repro] {model}: trained in {wall:.0f} s", flush=True)
     return info
 
@@ -365,25 +366,14 @@ def main(argv=None) -> int:
         "num_colours": len({c.split(" ", 1)[0] for c in classnames}),
         "num_shapes": len({c.split(" ", 1)[1] for c in classnames}), "epochs": a.epochs,
         "steps_per_epoch": a.n // a.batch_size, "batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup,
-        "wd": a.wd, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "wd": a.wd, "cpu": cpu_name(), "cores": os.cpu_count(),
         "torch": torch.__version__, "threads": a.threads, "workers": a.workers, "reps": a.reps,
         "load_min": min(loads), "load_max": max(loads), "gflops_source": gflops_source, "notes": NOTES,
     }
-    meta["cpu"] = _cpu_name() or meta["cpu"]
-    write_json_atomic({"meta": meta, "rows": rows}, out / "summary.json")
+    write_json(out / "summary.json", {"meta": meta, "rows": rows})
     write_markdown(Path(a.doc), rows, meta)
     print(f"[repro] wrote {a.doc} and {out / 'summary.json'}", flush=True)
     return 0
-
-
-def _cpu_name() -> Optional[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        return None
-    return None
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ from open_clip_train.params import parse_args as oc_parse_args
 
 import llava_drip.drip as drip
 from llava_drip.drip.boundary import EVAL_MODES
+from llava_drip.eval.io_utils import write_json
 
-from .checkpoint import write_json_atomic
 from .data import CheckedCsvDataset
 from .loss import DRIPLoss
 from .monitor import NonFiniteLossError, StepMonitor, instrument_optimizer
@@ -187,7 +187,7 @@ class _Run:
         if "train" in data:
             self.samples_per_epoch = data["train"].dataloader.num_samples
         if self.log_dir and any(v["skipped"] for v in self.bad_rows.values()):
-            write_json_atomic(self.bad_rows, Path(self.log_dir) / "skipped_rows.json")
+            write_json(Path(self.log_dir) / "skipped_rows.json", self.bad_rows)
         return data
 
     def scheduler(self, kind: str):

@@ -94,19 +94,25 @@ def zero_shot_accuracy(model, preprocess, tokenizer, data_dir, classnames: Seque
     return result
 
 
-def load_model(model_name: str, checkpoint: Optional[str], device="cpu", eval_mode: Optional[str] = None):
-    """(model, preprocess_val, tokenizer); checkpoint weights are loaded strictly."""
+def load_model_and_transforms(model_name: str, checkpoint: Optional[str], eval_mode: Optional[str] = None):
+    """(model, preprocess_train, preprocess_val); checkpoint weights are loaded strictly."""
     kwargs = {}
     if eval_mode:
         if not drip.is_drip(model_name):
             raise ValueError(f"--eval-mode applies only to DRIP models, not {model_name}")
         kwargs["eval_mode"] = eval_mode
-    model, _, preprocess = drip.create_model_and_transforms(model_name, output_dict=True, **kwargs)
+    model, preprocess_train, preprocess_val = drip.create_model_and_transforms(model_name, output_dict=True, **kwargs)
     if checkpoint:
         try:
             drip.load_checkpoint(model, checkpoint, strict=True)
         except RuntimeError as e:  # key mismatch: a checkpoint of another model
             raise ValueError(f"{e} (is --model {model_name} the model this checkpoint was trained as?)") from e
+    return model, preprocess_train, preprocess_val
+
+
+def load_model(model_name: str, checkpoint: Optional[str], device="cpu", eval_mode: Optional[str] = None):
+    """(model in eval mode, preprocess_val, tokenizer)."""
+    model, _, preprocess = load_model_and_transforms(model_name, checkpoint, eval_mode)
     model.to(device).eval()
     return model, preprocess, drip.get_tokenizer(model_name)
 

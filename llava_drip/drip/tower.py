@@ -209,19 +209,14 @@ class DRIPVisionTransformer(nn.Module):
                 f"got {list(x.shape)}; resize with the model's preprocess transform")
 
     def _run_blocks(self, blocks, x, attend=None, upto: Optional[int] = None):
+        """attend: a [B, L] key mask or None for [B, L, D] input; a PackedGroups layout for packed [T, D] rows."""
+        packed = isinstance(attend, PackedGroups)
         for blk in blocks[:upto]:
+            fn = blk.forward_packed if packed else blk
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, attend, use_reentrant=False)
+                x = checkpoint(fn, x, attend, use_reentrant=False)
             else:
-                x = blk(x, attend)
-        return x
-
-    def _run_blocks_packed(self, blocks, x, layout: PackedGroups, upto: Optional[int] = None):
-        for blk in blocks[:upto]:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk.forward_packed, x, layout, use_reentrant=False)
-            else:
-                x = blk.forward_packed(x, layout)
+                x = fn(x, attend)
         return x
 
     @property
@@ -287,7 +282,7 @@ class DRIPVisionTransformer(nn.Module):
         x, layout = self.pool_groups(x, b)
         norm_short = self.ln_post if self.ln_short is None else self.ln_short
         if isinstance(layout, PackedGroups):
-            x = self._run_blocks_packed(self.post_blocks, norm_short(x), layout, upto=idx)
+            x = self._run_blocks(self.post_blocks, norm_short(x), layout, upto=idx)
             if select_layer == -1:
                 x = self.ln_post(x)
             x, valid = layout.to_padded(x), layout.attend

@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 
 from ..drip.factory import get_model_config, is_drip, list_models
 from ..drip.tower import DRIPVisionTransformer
+from ..utils import PeakMemory, cpu_name
 from .flops import analytic_macs, build_tower
 
 DEFAULT_MODELS = ("ViT-B-32", "DRIP-2x-32", "DRIP-4x-32", "DRIP-10x-32")
@@ -48,48 +48,6 @@ def baseline_for(name: str) -> str:
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class PeakMemory:
-    """Peak memory of one forward: CUDA allocator peak, or on Linux CPUs the peak resident set
-    growth (VmHWM reset through /proc/self/clear_refs). None where neither is available."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cpu_ok = device.type == "cpu" and os.path.exists("/proc/self/clear_refs")
-        if self.cpu_ok:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                self.cpu_ok = False
-
-    @staticmethod
-    def _status() -> Dict[str, float]:
-        out = {}
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS", "VmHWM")):
-                    k, v = line.split(":")
-                    out[k] = int(v.split()[0]) * 1024
-        return out
-
-    def measure(self, fn) -> Optional[float]:
-        if self.device.type == "cuda":
-            _sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-            fn()
-            _sync(self.device)
-            return (torch.cuda.max_memory_allocated(self.device) - before) / 2 ** 20
-        if not self.cpu_ok:
-            fn()
-            return None
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = self._status()["VmRSS"]
-        fn()
-        return (self._status()["VmHWM"] - before) / 2 ** 20
 
 
 class PoolTimer:
@@ -147,17 +105,6 @@ class Config:
         if isinstance(self.tower, DRIPVisionTransformer):
             self.tower.attn_impl = self.impl
             self.tower.boundary_override = override if self.boundaries == "bernoulli" else None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_bench(models=DEFAULT_MODELS, batch_sizes=(1, 16, 64), impls=("padded", "packed"),
@@ -260,7 +207,7 @@ def run_bench(models=DEFAULT_MODELS, batch_sizes=(1, 16, 64), impls=("padded", "
                 row["achieved"] = row["speedup"] / row["flop_ratio"]
     for t in timers.values():
         t.remove()
-    env = {"device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+    env = {"device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
            "dtype": dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "warmup": warmup, "iters": iters, "seed": seed,
            "loadavg_before": load_before, "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None}

@@ -8,7 +8,6 @@ an unreadable one is reported by name and the run goes on (exit status 1 at the 
 import argparse
 import colorsys
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple

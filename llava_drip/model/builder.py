@@ -26,18 +26,6 @@ def _load_tensors(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def atomic_save_tensors(tensors: dict, path: str, torch_format: bool = False):
-    """Write tensors atomically (tmp file + rename): safetensors, or torch.save for LLaVA's .bin names."""
-    tmp = path + ".tmp"
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    if torch_format:
-        torch.save(tensors, tmp)
-    else:
-        from safetensors.torch import save_file
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
-
-
 def load_projector_weights(projector: torch.nn.Module, path: str):
     """Load mm_projector.bin / .safetensors (LLaVA keys `model.mm_projector.*`) strictly."""
     if os.path.isdir(path):

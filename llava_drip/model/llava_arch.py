@@ -4,10 +4,9 @@ image's visual tokens into the text embeddings at its `-200` placeholder.
 DRIP hands a different number of tokens per image, so features travel as a list of [G_b, D] tensors;
 padding and CLS never reach the LLM and an image's tokens do not depend on its batch mates.
 """
-from typing import List, Optional
+from typing import List
 
 import torch
-import torch.nn as nn
 
 from llava_drip.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 

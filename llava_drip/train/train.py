@@ -22,7 +22,7 @@ from transformers import Trainer
 
 from llava_drip.conversation import get_conv_template
 from llava_drip.model import LlavaConfig, LlavaLlamaForCausalLM
-from llava_drip.model.builder import atomic_save_tensors
+from llava_drip.utils import atomic_save_tensors
 from llava_drip.train.data import (BadSampleLog, DataCollatorForSupervisedDataset, LazySupervisedDataset,
                                    ModalityLengthGroupedSampler)
 
