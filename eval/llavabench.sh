@@ -4,10 +4,11 @@
 # Environment: BENCH_DIR (default playground/data/eval/llava-bench-in-the-wild, holding
 # questions.jsonl, context.jsonl, answers_gpt4.jsonl and images/), CONV_MODE (vicuna_v1),
 # PYTHON (python), REUSE_ANSWERS=1 to rescore an existing answers file.
-# LLM judge, run only when JUDGE_MODEL is set: JUDGE_BASE_URL (default OpenAI), JUDGE_API_KEY_ENV
-# (name of the variable holding the key, default OPENAI_API_KEY), JUDGE_RULE (default our
-# eval/judge_prompt.json; LLaVA's rule.json reproduces its protocol), JUDGE_RUNS (default 3, as
-# LLaVA-1.5 reports the mean of three runs; each run has its own reply cache).
+# LLM judge, run only when JUDGE_MODEL is set (e.g. gpt-4-0314, LLaVA's): JUDGE_BASE_URL (default
+# $OPENAI_BASE_URL, else OpenAI), JUDGE_API_KEY_ENV (name of the variable holding the key, default
+# OPENAI_API_KEY), JUDGE_RULE (default our llava_drip/eval/table/rule.json; LLaVA's rule.json
+# reproduces its protocol), JUDGE_RUNS (default 3, as LLaVA-1.5 reports the mean of three runs;
+# each run has its own reply cache).
 set -euo pipefail
 
 MODEL_PATH=${1:?usage: bash eval/llavabench.sh MODEL_PATH [NAME]}

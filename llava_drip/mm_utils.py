@@ -1,4 +1,7 @@
-"""Image and prompt helpers with LLaVA's names: tokenizer_image_token, process_images, expand2square."""
+"""Image and prompt helpers with LLaVA's names: tokenizer_image_token, process_images, expand2square.
+
+tokenizer_image_token follows haotian-liu/LLaVA llava/mm_utils.py (Apache-2.0) @c121f04.
+"""
 import base64
 import io
 import os
@@ -50,34 +53,46 @@ def process_images(images: Sequence[Image.Image], image_processor, model_cfg=Non
 
 
 def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX,
-                          return_tensors: Optional[str] = None, return_offsets: bool = False):
-    """Tokenize a prompt, putting `image_token_index` where each '<image>' stands.
+                          return_tensors: Optional[str] = None):
+    """Tokenize a prompt, putting `image_token_index` where each '<image>' stands (LLaVA's rule).
 
-    Chunks between images are tokenized separately (as LLaVA does) and only the first keeps BOS.
-    With return_offsets, also returns each token's (start, end) character span in `prompt`
-    ((-1, -1) for the image sentinel), used to build training labels without length arithmetic.
+    The text between images is tokenized chunk by chunk. If the first chunk starts with BOS, that BOS
+    is kept once and the first token of every later chunk (its own BOS) is dropped; otherwise no
+    token is dropped. This matches haotian-liu/LLaVA llava/mm_utils.py, so training labels built from
+    these lengths line up with LLaVA's.
+
+    Returns:
+        A list of ids, or a LongTensor [T] with return_tensors="pt".
     """
-    ids: List[int] = []
-    offsets: List[Tuple[int, int]] = []
-    pos = 0
-    for i, chunk in enumerate(prompt.split(DEFAULT_IMAGE_TOKEN)):
+    chunks = [list(tokenizer(chunk).input_ids) for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
+    skip = 1 if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id else 0
+    ids: List[int] = chunks[0][:skip]
+    for i, chunk in enumerate(chunks):
         if i > 0:
             ids.append(image_token_index)
-            offsets.append((-1, -1))
-            pos += len(DEFAULT_IMAGE_TOKEN)
-        enc = tokenizer(chunk, return_offsets_mapping=return_offsets)
-        chunk_ids = list(enc["input_ids"])
-        chunk_offsets = list(enc["offset_mapping"]) if return_offsets else [(0, 0)] * len(chunk_ids)
-        if i > 0 and chunk_ids and chunk_ids[0] == tokenizer.bos_token_id:
-            chunk_ids, chunk_offsets = chunk_ids[1:], chunk_offsets[1:]
-        ids.extend(chunk_ids)
-        offsets.extend((s + pos, e + pos) for s, e in chunk_offsets)
-        pos += len(chunk)
+        ids.extend(chunk[skip:])
     if return_tensors == "pt":
-        ids = torch.tensor(ids, dtype=torch.long)
-    elif return_tensors is not None:
-        raise ValueError(f"unsupported return_tensors {return_tensors!r}")
-    return (ids, offsets) if return_offsets else ids
+        return torch.tensor(ids, dtype=torch.long)
+    if return_tensors is not None:
+        raise ValueError(f"unsupported return_tensors {return_tensors!r} (use None or 'pt')")
+    return ids
+
+
+def tokenizer_is_legacy(tokenizer) -> bool:
+    """Whether text right after a special token gets SentencePiece's '▁' prefix: LLaVA's `tokenizer.legacy`.
+
+    LLaVA (slow LlamaTokenizer, transformers >= 4.31) reads the flag, and its label counts depend on
+    what the flag does: with legacy=False, "USER" after "</s>" has no '▁'. transformers 5 has only the
+    fast LlamaTokenizer and builds its pre-tokenizer from the flag (Metaspace prepend_scheme "always"
+    for legacy, "first" otherwise), so probing the behaviour gives `tokenizer.legacy` there, and a
+    sensible answer for tokenizers without the flag (False for GPT-NeoX, LLaVA's default for mpt).
+    """
+    eos = tokenizer.eos_token or tokenizer.bos_token
+    if not eos:
+        return bool(getattr(tokenizer, "legacy", False))
+    pieces = tokenizer.tokenize(eos + "a")
+    after = pieces[pieces.index(eos) + 1:] if eos in pieces else pieces
+    return bool(after) and after[0].startswith("\u2581")
 
 
 def get_model_name_from_path(model_path: str) -> str:

@@ -1,41 +1,45 @@
 #!/usr/bin/env bash
-# LLaVA-1.5 stage 2 (full visual instruction tuning) with a DRIP tower, LLaVA-1.5's hyperparameters (8 GPUs x 16).
-set -euo pipefail
-DRIP_TOWER=${DRIP_TOWER:-DRIP-4x-16}
-DRIP_CKPT=${DRIP_CKPT:?set DRIP_CKPT to the clip-train checkpoint of $DRIP_TOWER}
-LLM=${LLM:-lmsys/vicuna-7b-v1.5}
-PROJECTOR=${PROJECTOR:-./checkpoints/llava-v1.5-7b-${DRIP_TOWER}-pretrain/mm_projector.bin}
-OUT=${OUT:-./checkpoints/llava-v1.5-7b-${DRIP_TOWER}}
+# LLaVA-1.5 stage 2 (full visual instruction tuning) with LLaVA-1.5's flags (8 GPUs x 16) and a DRIP tower.
+# Variables: see scripts/common.sh; PROJECTOR is stage 1's mm_projector.bin.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+DATA_PATH=${DATA_PATH:-./playground/data/llava_v1_5_mix665k.json}
+IMAGE_FOLDER=${IMAGE_FOLDER:-./playground/data}
+PROJECTOR=${PROJECTOR:-./checkpoints/$TAG-pretrain/mm_projector.bin}
+OUT=${OUT:-./checkpoints/$TAG}
 
-deepspeed llava_drip/train/train.py \
-    --deepspeed ./scripts/zero3.json \
+"$DEEPSPEED" "${LAUNCH[@]}" "$ROOT/llava_drip/train/train_mem.py" \
+    --deepspeed "$ROOT/scripts/zero3.json" \
     --model_name_or_path "$LLM" \
     --version v1 \
-    --data_path ./playground/data/llava_v1_5_mix665k.json \
-    --image_folder ./playground/data \
-    --vision_tower "$DRIP_TOWER" \
-    --vision_tower_pretrained "$DRIP_CKPT" \
+    --data_path "$DATA_PATH" \
+    --image_folder "$IMAGE_FOLDER" \
+    "${TOWER_ARGS[@]}" \
     --pretrain_mm_mlp_adapter "$PROJECTOR" \
     --mm_projector_type mlp2x_gelu \
-    --mm_vision_select_layer -1 \
+    --mm_vision_select_layer "$SELECT_LAYER" \
+    --mm_use_im_start_end False \
+    --mm_use_im_patch_token False \
     --image_aspect_ratio pad \
     --group_by_modality_length True \
     --bf16 True \
     --output_dir "$OUT" \
     --num_train_epochs 1 \
     --per_device_train_batch_size 16 \
+    --per_device_eval_batch_size 4 \
     --gradient_accumulation_steps 1 \
-    --save_strategy steps \
+    --evaluation_strategy "no" \
+    --save_strategy "steps" \
     --save_steps 50000 \
     --save_total_limit 1 \
     --learning_rate 2e-5 \
     --weight_decay 0. \
     --warmup_ratio 0.03 \
-    --lr_scheduler_type cosine \
+    --lr_scheduler_type "cosine" \
     --logging_steps 1 \
     --tf32 True \
     --model_max_length 2048 \
     --gradient_checkpointing True \
     --dataloader_num_workers 4 \
     --lazy_preprocess True \
-    --report_to "${REPORT_TO:-tensorboard}"
+    --report_to "$REPORT_TO" \
+    "${EXTRA[@]}" "$@"

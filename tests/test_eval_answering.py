@@ -54,7 +54,9 @@ def sqa(data_dir, tmp_path_factory) -> dict:
 
 def sqa_args(model: str, sqa: dict, answers: Path, *extra) -> list[str]:
     return ["--model-path", model, "--question-file", str(sqa["questions"]), "--image-folder", str(sqa["images"]),
-            "--answers-file", str(answers), "--single-pred-prompt", "--max-new-tokens", "16", *map(str, extra)]
+            "--answers-file", str(answers), "--single-pred-prompt", "--temperature", "0", "--conv-mode", "vicuna_v1",
+            "--max-new-tokens", "16",
+            *map(str, extra)]
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +148,7 @@ def test_missing_images(tiny_llava, sqa, tmp_path):
     questions = tmp_path / "q.json"
     questions.write_text(json.dumps(records))
     base = ["--model-path", tiny_llava, "--question-file", str(questions), "--image-folder", str(tmp_path / "none"),
-            "--answers-file", str(tmp_path / "a.jsonl"), "--max-new-tokens", "4"]
+            "--answers-file", str(tmp_path / "a.jsonl"), "--conv-mode", "vicuna_v1", "--max-new-tokens", "4"]
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "none" / records[0]["image"])):
         model_vqa_science.main(base)
     summary = model_vqa_science.main(base + ["--skip-missing-images"])
@@ -164,7 +166,8 @@ def test_llava_bench_answer_and_score(tiny_llava, data_dir, tmp_path, capsys):
     for bs in (4, 1):
         answers[bs] = tmp_path / f"answers_b{bs}.jsonl"
         model_vqa.main(["--model-path", tiny_llava, "--question-file", str(qfile), "--image-folder", str(bench / "images"),
-                        "--answers-file", str(answers[bs]), "--temperature", "0", "--max-new-tokens", "32",
+                        "--answers-file", str(answers[bs]), "--temperature", "0", "--conv-mode", "vicuna_v1",
+                        "--max-new-tokens", "32",
                         "--batch-size", str(bs)])
     rows = read_jsonl(answers[4])
     assert [r["question_id"] for r in rows] == [q["question_id"] for q in questions]  # ints stay ints
@@ -182,3 +185,19 @@ def test_llava_bench_answer_and_score(tiny_llava, data_dir, tmp_path, capsys):
     assert run["count"] == 6 and run["scorer"] == "rule"
     for key in ("all", "conv", "detail", "complex"):
         assert 0 <= run[key] <= 100
+
+
+def test_answer_prompter_asks_twice(tiny_llava, sqa, tmp_path):
+    """LLaVA's --answer-prompter: the first reply, then " The answer is " and a second, short reply."""
+    records = sqa["records"][:3]
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps(records))
+    common = ["--model-path", tiny_llava, "--question-file", str(questions), "--image-folder", str(sqa["images"]),
+              "--temperature", "0", "--conv-mode", "vicuna_v1", "--max-new-tokens", "16"]
+    model_vqa_science.main(common + ["--answers-file", str(tmp_path / "one.jsonl")])
+    model_vqa_science.main(common + ["--answers-file", str(tmp_path / "two.jsonl"), "--answer-prompter"])
+    one, two = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "two.jsonl")
+    assert [r["prompt"] for r in one] == [r["prompt"] for r in two]  # LLaVA records the question, not the passes
+    for a, b in zip(one, two):
+        assert b["text"].startswith(a["text"] + "\n The answer is ")
+        assert b["metadata"] == a["metadata"]  # visual tokens of the question's image, counted once

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from llava_drip.eval import judge_llava_bench, rule_scorer, summarize_gpt_review
 from llava_drip.eval.judge_llava_bench import parse_scores
 
 API_KEY = "sk-test-not-a-real-key-5f3a9c"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +36,14 @@ def bench(shared_data: Path) -> Path:
 def run_module(module: str, *args, env: dict | None = None) -> str:
     proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
                           timeout=60, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def run_script(script: str, *args, env: dict | None = None) -> str:
+    """``python llava_drip/eval/X.py ...`` from the repository root, as LLaVA's scripts call theirs."""
+    proc = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=60,
+                          cwd=REPO, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -54,16 +64,48 @@ def test_summary_reproduces_published_llava_15_13b(bench):
     ref = bench / "llava_v1.5_13b_reference"
     files = [ref / f"reviews_llava-v1.5-13b-eval{i}.jsonl" for i in (1, 2, 3)]
     summary = json.loads(run_module("llava_drip.eval.summarize_gpt_review", "-f", *files, "--json"))
-    assert [r["file"] for r in summary["runs"]] == [str(f) for f in files]
-    assert [round(r["all"], 1) for r in summary["runs"]] == [72.8, 72.7, 72.1]
-    assert round(summary["mean"]["all"], 1) == 72.5  # LLaVA-1.5-13B's published LLaVA-Bench figure
-    run1 = summary["runs"][0]
-    assert (round(run1["conv"], 1), round(run1["detail"], 1), round(run1["complex"], 1)) == (74.7, 52.7, 82.8)
-    assert (round(run1["reference"]["all"], 1), round(run1["model"]["all"], 1)) == (86.5, 63.0)
+    runs = summary["runs"]
+    assert [r["file"] for r in runs] == [str(f) for f in files]
+    # LLaVA's printed per-run figures (3-decimal means, then 0.1), and their mean: the published 72.5
+    assert [r["llava"]["all"] for r in runs] == [72.8, 72.7, 72.1]
+    assert summary["mean"]["all"] == pytest.approx((72.8 + 72.7 + 72.1) / 3) and f"{summary['mean']['all']:.1f}" == "72.5"
+    assert summary["mean_unrounded"]["all"] == pytest.approx(72.547, abs=1e-3)
+    assert [runs[0]["llava"][c] for c in ("conv", "detail", "complex")] == [74.7, 52.6, 82.8]
+    # LLaVA rounds the means first: its 52.6 for detail, where the unrounded 52.65 would give 52.7
+    assert runs[0]["detail"] == pytest.approx(52.652, abs=1e-3)
+    assert [round(summary["mean"][c], 1) for c in ("conv", "detail", "complex")] == [74.0, 51.6, 83.3]
+    assert [round(summary["mean_unrounded"][c], 1) for c in ("conv", "detail", "complex")] == [73.9, 51.6, 83.3]
+    assert (round(runs[0]["reference"]["all"], 1), round(runs[0]["model"]["all"], 1)) == (86.5, 63.0)
 
-    text = run_module("llava_drip.eval.summarize_gpt_review", "-d", ref)
+    # as LLaVA's scripts call it: a plain script, -d picking the review files of the folder
+    text = run_script("llava_drip/eval/summarize_gpt_review.py", "-d", ref)
     assert "Average  Conversation  Detail  Reasoning" in text
-    assert "mean of 3 runs" in text and "72.5" in text
+    mean_row = next(line for line in text.splitlines() if line.startswith("mean of 3 runs"))
+    assert mean_row.split()[-4:] == ["72.5", "74.0", "51.6", "83.3"]
+    unrounded_row = next(line for line in text.splitlines() if "unrounded mean" in line)
+    assert unrounded_row.split()[-4:] == ["72.547", "73.934", "51.633", "83.333"]
+
+
+def test_summary_selects_runs_as_llava(bench, tmp_path):
+    src = bench / "llava_v1.5_13b_reference" / "reviews_llava-v1.5-13b-eval1.jsonl"
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    names = ["reviews_a-0314-eval1.jsonl", "reviews_a-0613-eval1.jsonl", "reviews_b-0613-eval1.jsonl",
+             "gpt4_text_c.jsonl", "notes.jsonl", "reviews_a-0613-eval1.jsonl.cache"]
+    for name in names:
+        shutil.copy(src, folder / name)
+    pick = lambda *a: [Path(p).name for p in summarize_gpt_review.select_files([], str(folder), *a)]
+    # a folder without "review" in its path: only review_/reviews_/gpt4_text files
+    assert pick() == ["gpt4_text_c.jsonl", "reviews_a-0314-eval1.jsonl", "reviews_a-0613-eval1.jsonl",
+                      "reviews_b-0613-eval1.jsonl"]
+    assert pick("0613") == ["reviews_a-0613-eval1.jsonl", "reviews_b-0613-eval1.jsonl"]
+    assert pick("0314", ["a-"]) == ["reviews_a-0314-eval1.jsonl"]
+    assert pick(None, ["a-", "eval1"]) == ["reviews_a-0314-eval1.jsonl", "reviews_a-0613-eval1.jsonl"]
+    reviews = tmp_path / "my_reviews"
+    shutil.copytree(folder, reviews)
+    assert "notes.jsonl" in [Path(p).name for p in summarize_gpt_review.select_files([], str(reviews))]
+    # -f with -d: the files are relative to the folder
+    assert summarize_gpt_review.select_files(["notes.jsonl"], str(folder)) == [str(folder / "notes.jsonl")]
 
 
 def test_summary_excludes_null_and_averages_minus_one(tmp_path):
@@ -313,10 +355,87 @@ def test_judge_requires_api_key(bench, tmp_path, monkeypatch, capsys):
     assert "set $JUDGE_TEST_KEY" in capsys.readouterr().err
 
 
-def test_default_judge_prompt_covers_llava_bench():
+def test_default_rule_is_ours_in_llavas_schema():
+    assert judge_llava_bench.DEFAULT_RULE == REPO / "llava_drip" / "eval" / "table" / "rule.json"
     rules = judge_llava_bench.load_rules(judge_llava_bench.DEFAULT_RULE)
     for cat in ("conv", "detail", "complex"):
-        assert "two numbers from 1 to 10" in rules[f"llava_bench_{cat}"]["prompt"]
+        rule = rules[f"llava_bench_{cat}"]
+        assert rule["role"] == "Assistant" and "two numbers from 1 to 10" in rule["prompt"]
+
+
+def test_default_rule_is_not_llavas_text(bench):
+    ours = judge_llava_bench.load_rules(judge_llava_bench.DEFAULT_RULE)
+    llava = judge_llava_bench.load_rules(bench.parent / "rule.json")
+    assert all(ours[k]["prompt"] != llava[k]["prompt"] for k in ours if k in llava)
+
+
+def _small_bench(bench: Path, tmp_path: Path, n: int = 5) -> dict:
+    questions = read_jsonl(bench / "questions.jsonl")[:n]
+    return {"-q": write_jsonl(tmp_path / "questions.jsonl", questions), "-c": bench / "context.jsonl",
+            "ids": [q["question_id"] for q in questions]}
+
+
+def test_eval_gpt_review_bench_from_environment(bench, tmp_path, judge_env):
+    """LLaVA's module name and flags, the endpoint and key from the openai client's variables only."""
+    small = _small_bench(bench, tmp_path)
+    servers = [FakeJudgeServer(fail_first=0), FakeJudgeServer(fail_first=0)]
+    out = tmp_path / "reviews" / "reviews_bard.jsonl"
+    argv = ["-q", small["-q"], "-c", small["-c"], "-r", bench.parent / "rule.json",
+            "-a", bench / "answers_gpt4.jsonl", bench / "bard_0718.jsonl", "-o", out]
+    env = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": servers[0].base_url}
+    env_no_model = {k: v for k, v in os.environ.items() if k != "JUDGE_MODEL"}
+    try:
+        proc = subprocess.run([sys.executable, "llava_drip/eval/eval_gpt_review_bench.py", *map(str, argv)], cwd=REPO,
+                              capture_output=True, text=True, timeout=60, env={**env_no_model, **env})
+        assert proc.returncode == 0, proc.stderr
+        assert [r["body"]["model"] for r in servers[0].requests] == ["gpt-4-0314"] * 5  # LLaVA's judge
+        assert all(r["auth"] == f"Bearer {API_KEY}" for r in servers[0].requests)
+        assert [r["question_id"] for r in read_jsonl(out)] == small["ids"]
+        # $JUDGE_MODEL names another judge; the cache keys on it, so all five are asked again
+        run_script("llava_drip/eval/eval_gpt_review_bench.py", *argv, env={**env, "JUDGE_MODEL": "other-judge"})
+        assert [r["body"]["model"] for r in servers[0].requests[5:]] == ["other-judge"] * 5
+        # the same judge at another $OPENAI_BASE_URL is another endpoint: not served from the cache
+        run_script("llava_drip/eval/eval_gpt_review_bench.py", *argv,
+                   env={**env, "JUDGE_MODEL": "other-judge", "OPENAI_BASE_URL": servers[1].base_url})
+        assert len(servers[1].requests) == 5 and len(servers[0].requests) == 10
+    finally:
+        for server in servers:
+            server.close()
+    assert API_KEY not in out.read_text() + (out.parent / (out.name + ".cache")).read_text()
+
+
+def test_judge_needs_two_answer_files(bench, tmp_path, judge_env, capsys):
+    small = _small_bench(bench, tmp_path)
+    with pytest.raises(SystemExit):
+        judge_llava_bench.main(["-q", str(small["-q"]), "-c", str(small["-c"]), "-o", str(tmp_path / "r.jsonl"),
+                                "-a", *(str(bench / f) for f in ("answers_gpt4.jsonl", "bard_0718.jsonl", "bing_chat_0629.jsonl"))])
+    assert "--answer-list takes two files" in capsys.readouterr().err
+
+
+class _EchoJudge:
+    model = "echo"
+
+    def __init__(self):
+        self.contents: list[str] = []
+
+    def review(self, content: str) -> str:
+        self.contents.append(content)
+        return "7 8\n"
+
+
+def test_judge_joins_caption_lists_by_lines(tmp_path):
+    """COCO's context files hold caption lists, joined by lines as LLaVA does; a string stays as it is."""
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 0, "image": "a.jpg", "text": "Q0", "category": "conv"},
+                                           {"question_id": 1, "image": "b.jpg", "text": "Q1", "category": "conv"}])
+    ctx = write_jsonl(tmp_path / "c.jsonl", [{"image": "a.jpg", "caption": ["a cat.", "a mat."]},
+                                             {"image": "b.jpg", "caption": "a dog."}])
+    ans = write_jsonl(tmp_path / "a.jsonl", [{"question_id": i, "text": f"A{i}"} for i in (0, 1)])
+    judge = _EchoJudge()
+    rules = judge_llava_bench.load_rules(judge_llava_bench.DEFAULT_RULE)
+    reviews = judge_llava_bench.judge_all(judge, q, ctx, ans, ans, rules)
+    assert judge.contents[0].startswith("[Context]\na cat.\na mat.\n\n[Question]\nQ0\n\n")
+    assert judge.contents[1].startswith("[Context]\na dog.\n\n[Question]\nQ1\n\n")
+    assert [r["tuple"] for r in reviews] == [[7.0, 8.0], [7.0, 8.0]]
 
 
 @pytest.mark.parametrize("reply, expected", [

@@ -14,6 +14,8 @@ import pytest
 from llava_drip.eval import convert_sqa, eval_science_qa
 from llava_drip.eval.eval_science_qa import FAILED, parse_answer, parse_choices
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def sqa_dir(shared_data: Path) -> Path:
@@ -153,6 +155,50 @@ def test_category_table(sqa_dir, small_base_dir, capsys):
     out = capsys.readouterr().out
     assert "Categories over the 50 of 4241 questions found in problems.json" in out
     assert "NAT     SOC     LAN     TXT     IMG      NO    G1-6   G7-12     Avg" in out
+
+
+def test_base_dir_alone_as_llava(sqa_dir, small_base_dir, tmp_path):
+    """LLaVA's call: --base-dir only (problems.json + pid_splits.json[--split]), as a plain script."""
+    answers = sqa_dir / "llava_eval" / "llava-v1.5-13b_answers.jsonl"
+    out = {}
+    for mode, extra in (("base", []), ("qfile", ["--question-file", small_base_dir / "q.json"])):
+        if mode == "qfile":
+            convert_sqa.main(["--base-dir", str(small_base_dir), "--output", str(small_base_dir / "q.json")])
+        proc = subprocess.run([sys.executable, "llava_drip/eval/eval_science_qa.py", "--base-dir", str(small_base_dir),
+                               "--result-file", str(answers), *map(str, extra),
+                               "--output-file", str(tmp_path / f"{mode}_output.jsonl"),
+                               "--output-result", str(tmp_path / f"{mode}_result.json")],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        out[mode] = proc.stdout
+    assert out["base"] == out["qfile"]
+    assert "Total: 50, Correct:" in out["base"] and "NAT     SOC     LAN" in out["base"]
+    for name in ("output.jsonl", "result.json"):
+        assert (tmp_path / f"base_{name}").read_text() == (tmp_path / f"qfile_{name}").read_text()
+    # the 50 problems' predicted indices are LLaVA's published ones
+    published = json.loads((sqa_dir / "llava_eval" / "llava-v1.5-13b_result.json").read_text())["results"]
+    ours = json.loads((tmp_path / "base_result.json").read_text())["results"]
+    assert len(ours) == 50 and ours == {k: published[k] for k in ours}
+
+
+def test_base_dir_split_and_options(small_base_dir, tmp_path, capsys):
+    splits = json.loads((small_base_dir / "pid_splits.json").read_text())
+    splits["minitest"] = splits["test"][:7]
+    (small_base_dir / "pid_splits.json").write_text(json.dumps(splits))
+    answers = _write(tmp_path / "r.jsonl", "".join(json.dumps({"question_id": p, "prompt": "", "text": "A"}) + "\n"
+                                                   for p in splits["test"]))
+    base = ["--base-dir", str(small_base_dir), "--result-file", str(answers), "--json"]
+    results = []
+    for extra in (["--split", "minitest"], ["--split", "minitest", "--options", "ABCDE"],
+                  ["--split", "minitest", "--options", "A", "B", "C", "D", "E"]):
+        eval_science_qa.main(base + extra)
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["total"] == 7 and results[0] == results[1] == results[2]
+    with pytest.raises(KeyError, match="split 'nosuch' not in"):
+        eval_science_qa.main(base + ["--split", "nosuch"])
+    with pytest.raises(SystemExit):
+        eval_science_qa.main(["--result-file", str(answers)])
+    assert "give --base-dir" in capsys.readouterr().err
 
 
 def _write(path: Path, text: str) -> Path:

@@ -12,6 +12,7 @@ scorers ignore.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -23,11 +24,13 @@ from typing import Any, Sequence
 
 import torch
 
-from llava_drip.constants import DEFAULT_IMAGE_TOKEN
+from llava_drip.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 logger = logging.getLogger(__name__)
 
 SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
+ANSWER_PROMPTER_SUFFIX = " ###\nANSWER:"  # LLaVA's --answer-prompter second pass
+ANSWER_PROMPTER_MAX_NEW_TOKENS = 64
 
 
 @dataclass
@@ -218,55 +221,93 @@ class Answerer:
         out[list(pil)] = tensors
         return out.to(self.device, dtype=self.model.dtype)
 
-    @torch.inference_mode()
-    def answer(self, batch: Sequence[Question], settings: GenerationSettings) -> list[tuple[str, int]]:
-        """(answer text, visual token count) per question, in batch order."""
+    def _generate(self, prompts: Sequence[str], images: torch.Tensor | None,
+                  settings: GenerationSettings) -> tuple[list[str], list[list[int]]]:
+        """Decoded continuations of ``prompts`` (one left-padded ``generate`` call), and the prompts' ids."""
         from llava_drip.mm_utils import tokenizer_image_token
         tok = self.tokenizer
-        ids = [tokenizer_image_token(self.build_prompt(q), tok) for q in batch]
+        ids = [tokenizer_image_token(p, tok) for p in prompts]
         width = max(len(x) for x in ids)
-        input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        input_ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, x in enumerate(ids):  # left padding, as generation continues on the right
             input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
             mask[i, width - len(x):] = 1
-        images = self._images(batch)
-        self._visual_tokens.clear()
         out = self.model.generate(input_ids.to(self.device), images=images, attention_mask=mask.to(self.device),
                                   pad_token_id=tok.pad_token_id, **settings.generate_kwargs())
+        texts = []
+        for row in out.tolist():
+            if tok.eos_token_id in row:  # batch mates that stopped later pad this row after its EOS
+                row = row[:row.index(tok.eos_token_id)]
+            texts.append(tok.decode(row, skip_special_tokens=True).strip())
+        return texts, ids
+
+    def _count_truncated(self, ids: Sequence[list[int]]):
+        """Count prompts longer than the model's training length (it cuts them)."""
+        if not self.max_prompt_len:
+            return
+        for i, x in enumerate(ids):
+            has_image = IMAGE_TOKEN_INDEX in x
+            g = self._visual_tokens[i] if has_image and i < len(self._visual_tokens) else 0
+            if len(x) - has_image + g > self.max_prompt_len:
+                self.truncated_prompts += 1
+
+    @torch.inference_mode()
+    def answer(self, batch: Sequence[Question], settings: GenerationSettings,
+               answer_prompter: bool = False) -> list[tuple[str, int]]:
+        """(answer text, visual token count) per question, in batch order.
+
+        ``answer_prompter`` is LLaVA's two-pass ScienceQA prompting: the first answer (the
+        reasoning) is fed back followed by `` ###\\nANSWER:`` for at most 64 more tokens, and the
+        answer becomes ``reasoning + "\\n The answer is " + second``.
+        """
+        prompts = [self.build_prompt(q) for q in batch]
+        images = self._images(batch)
+        self._visual_tokens.clear()
+        texts, ids = self._generate(prompts, images, settings)
+        self._count_truncated(ids)
         counts = list(self._visual_tokens) or [0] * len(batch)
         if len(counts) != len(batch):
             raise RuntimeError(f"vision tower returned {len(counts)} feature sets for {len(batch)} images")
-        results = []
-        for i, q in enumerate(batch):
-            g = counts[i] if q.image is not None else 0
-            n_embeds = len(ids[i]) - (1 if q.image is not None else 0) + g
-            if self.max_prompt_len and n_embeds > self.max_prompt_len:
-                self.truncated_prompts += 1  # the model cuts inputs to its training length
-            row = out[i].tolist()
-            if tok.eos_token_id in row:  # batch mates that stopped later pad this row after its EOS
-                row = row[:row.index(tok.eos_token_id)]
-            results.append((tok.decode(row, skip_special_tokens=True).strip(), g))
-        return results
+        if answer_prompter:
+            second = dataclasses.replace(settings, max_new_tokens=ANSWER_PROMPTER_MAX_NEW_TOKENS)
+            self._visual_tokens.clear()
+            answers, _ = self._generate([p + t + ANSWER_PROMPTER_SUFFIX for p, t in zip(prompts, texts)], images, second)
+            texts = [f"{t}\n The answer is {a}" for t, a in zip(texts, answers)]
+        return [(t, counts[i] if q.image is not None else 0) for i, (q, t) in enumerate(zip(batch, texts))]
 
 
 # ----------------------------------------------------------------------------------------------
 # Driver shared by both scripts
 
 
-def add_common_args(p: argparse.ArgumentParser, *, temperature: float, max_new_tokens: int):
-    p.add_argument("--model-path", required=True, help="llava-drip model folder (full, LoRA or projector)")
-    p.add_argument("--model-base", default=None, help="base LLM folder for LoRA / projector-only checkpoints")
-    p.add_argument("--question-file", required=True)
+def _path(text: str) -> str:
+    return os.path.expanduser(text)  # LLaVA expands ~ in every path
+
+
+def add_common_args(p: argparse.ArgumentParser, *, conv_mode: str):
+    """The flags of LLaVA's ``model_vqa*.py`` (same names, same defaults), then ours.
+
+    LLaVA's defaults kept: ``--temperature 0.2`` (LLaVA's scripts pass 0), 1024 new tokens, one
+    chunk, ``--answers-file answer.jsonl``. ``--model-path`` and ``--question-file`` are required
+    here: LLaVA's defaults (``facebook/opt-350m``, ``tables/question.json``) name no LLaVA model
+    and no file of this project.
+    """
+    p.add_argument("--model-path", type=_path, required=True,
+                   help="llava-drip model folder (full, LoRA or projector); a hub-style id names a local folder")
+    p.add_argument("--model-base", type=_path, default=None, help="base LLM folder for LoRA / projector-only checkpoints")
     p.add_argument("--image-folder", default="", help="image paths in the question file are relative to it")
-    p.add_argument("--answers-file", required=True, help="answers JSONL; a rerun resumes it")
-    p.add_argument("--conv-mode", default="vicuna_v1", help="vicuna_v1 (= v1, llava_v1) or plain")
+    p.add_argument("--question-file", type=_path, required=True)
+    p.add_argument("--answers-file", type=_path, default="answer.jsonl",
+                   help="answers JSONL (default answer.jsonl, as LLaVA); a rerun resumes it")
+    p.add_argument("--conv-mode", default=conv_mode, help=f"conversation template (default {conv_mode})")
     p.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many chunks ...")
     p.add_argument("--chunk-idx", type=int, default=0, help="... and answer this one (0-based)")
-    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default 0.2, as LLaVA)")
     p.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None)
     p.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=1)
-    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=max_new_tokens)
+    p.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=1024,
+                   help="default 1024, the number LLaVA hard-codes")
     p.add_argument("--batch-size", type=int, default=1, help="questions per generate call (default 1, as LLaVA; left-padded, same answers in fp32)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
@@ -277,8 +318,11 @@ def add_common_args(p: argparse.ArgumentParser, *, temperature: float, max_new_t
     p.add_argument("--overwrite", action="store_true", help="discard an existing answers file instead of resuming it")
 
 
-def answer_questions(questions: list[Question], args: argparse.Namespace) -> dict:
-    """Answer this chunk's questions not yet in ``args.answers_file``; returns a summary dict."""
+def answer_questions(questions: list[Question], args: argparse.Namespace, answer_prompter: bool = False) -> dict:
+    """Answer this chunk's questions not yet in ``args.answers_file``; returns a summary dict.
+
+    ``answer_prompter``: LLaVA's two-pass prompting (``Answerer.answer``), model_vqa_science only.
+    """
     if args.batch_size < 1 or args.num_beams < 1 or args.max_new_tokens < 1:
         raise ValueError("--batch-size, --num_beams and --max-new-tokens must be >= 1")
     total_all = len(questions)
@@ -308,7 +352,7 @@ def answer_questions(questions: list[Question], args: argparse.Namespace) -> dic
                 rows = [{"question_id": q.qid, "prompt": q.prompt, "text": text,
                          "answer_id": uuid.uuid4().hex[:22], "model_id": answerer.model_name,
                          "metadata": {"visual_tokens": g}}
-                        for q, (text, g) in zip(batch, answerer.answer(batch, settings))]
+                        for q, (text, g) in zip(batch, answerer.answer(batch, settings, answer_prompter))]
                 answers.write(rows)
                 bar.update(len(batch))
         with_image = {str(q.qid) for q in todo_all if q.image is not None}

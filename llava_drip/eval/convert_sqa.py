@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
+
+if not __package__:  # run as a file (python llava_drip/eval/X.py): import this checkout's package
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 from llava_drip.eval.io_utils import read_json, write_json
 

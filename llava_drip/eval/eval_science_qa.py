@@ -1,14 +1,21 @@
-"""Score ScienceQA answers the way LLaVA's ``llava/eval/eval_science_qa.py`` does.
+"""Score ScienceQA answers the way LLaVA's ``llava/eval/eval_science_qa.py`` does (same flags).
 
 Answer parsing follows LLaVA exactly (checked against every ``parsed_ans`` in LLaVA-1.5-13B's
 published output file): the text itself if it is an option letter; else its first character when
 it reads ``"X. ..."``; else the letter of a single ``"The answer is X."``; else ``FAILED``. LLaVA
 then draws a random option for FAILED; here FAILED is always wrong, and the count is reported.
 
-The gold answer and the options come from the question file (LLaVA's ``llava_test_CQM-A.json``
-or ``convert_sqa``'s output), so ``problems.json`` is needed only for the per-category table
-(ScienceQA's NAT/SOC/LAN subjects, TXT/IMG/NO context, G1-6/G7-12 grades).
+The questions come from either source:
 
+- ``--base-dir DIR`` alone, as LLaVA's scripts call it: ScienceQA's ``DIR/problems.json`` and the
+  ``--split`` ids (default ``test``) of ``DIR/pid_splits.json``; the per-category table
+  (NAT/SOC/LAN subjects, TXT/IMG/NO context, G1-6/G7-12 grades) comes with them.
+- ``--question-file``: a LLaVA question file (``llava_test_CQM-A.json`` or ``convert_sqa``'s
+  output) gives the questions, gold letters and options; ``--base-dir`` then only adds the table
+  from its ``problems.json``.
+
+    python llava_drip/eval/eval_science_qa.py --base-dir DIR --result-file R \
+        --output-file R_output.jsonl --output-result R_result.json
     python -m llava_drip.eval.eval_science_qa --question-file Q --result-file R [--base-dir DIR] [--json]
 """
 from __future__ import annotations
@@ -17,9 +24,14 @@ import argparse
 import json
 import logging
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+if not __package__:  # run as a file (python llava_drip/eval/X.py): import this checkout's package
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+
+from llava_drip.eval.convert_sqa import convert
 from llava_drip.eval.io_utils import read_json, read_jsonl_by_id, write_json
 
 logger = logging.getLogger(__name__)
@@ -71,7 +83,11 @@ def parse_choices(prompt: str, options: tuple[str, ...] = OPTIONS) -> list[str]:
 
 def load_questions(path: str | Path, options: tuple[str, ...] = OPTIONS) -> dict[str, SqaQuestion]:
     """Read a LLaVA ScienceQA question file (JSON list of ``{id, image?, conversations}``)."""
-    data = read_json(path)
+    return questions_from_records(read_json(path), path, options)
+
+
+def questions_from_records(data: list, path: str | Path, options: tuple[str, ...] = OPTIONS) -> dict[str, SqaQuestion]:
+    """LLaVA question records to ``SqaQuestion``s; ``path`` names the source in errors."""
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of questions, got {type(data).__name__}")
     questions: dict[str, SqaQuestion] = {}
@@ -87,6 +103,30 @@ def load_questions(path: str | Path, options: tuple[str, ...] = OPTIONS) -> dict
             raise ValueError(f"{path}: question {qid}: answer {answer!r} is not one of {options} (not a CQM-A file?)")
         questions[qid] = SqaQuestion(qid, prompt, answer, tuple(parse_choices(prompt, options)), "image" in rec)
     return questions
+
+
+def load_split(base_dir: str | Path, split: str, options: tuple[str, ...] = OPTIONS) -> tuple[dict[str, SqaQuestion], dict]:
+    """``(questions, problems)`` of ``split``, from ``base_dir``'s problems.json and pid_splits.json.
+
+    The problems go through ``convert_sqa`` (LLaVA's CQM-A layout), so both question sources are
+    read by the same code.
+    """
+    base_dir = Path(base_dir)
+    problems = read_json(base_dir / "problems.json")
+    splits_path = base_dir / "pid_splits.json"
+    splits = read_json(splits_path)
+    if split not in splits:
+        raise KeyError(f"split {split!r} not in {splits_path}; available: {sorted(splits)}")
+    records = convert(problems, [str(p) for p in splits[split]])
+    return questions_from_records(records, f"{base_dir}[{split}]", options), problems
+
+
+def parse_options(values: list[str]) -> tuple[str, ...]:
+    """``--options A B C`` or LLaVA's ``--options ABC`` (its ``type=list`` splits the string)."""
+    letters = list(values[0]) if len(values) == 1 else list(values)
+    if not letters or len(set(letters)) != len(letters):
+        raise ValueError(f"--options must be distinct option letters, got {values}")
+    return tuple(letters)
 
 
 def problem_categories(problem: dict) -> list[str]:
@@ -194,27 +234,42 @@ def format_report(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Score ScienceQA answers with LLaVA's parsing rules.")
-    parser.add_argument("--question-file", type=Path, required=True, help="LLaVA question file (e.g. llava_test_CQM-A.json)")
+    parser.add_argument("--base-dir", type=Path,
+                        help="ScienceQA folder with problems.json and pid_splits.json (LLaVA's way: the questions "
+                             "of --split, and the category table)")
     parser.add_argument("--result-file", type=Path, required=True, help="answers JSONL from model_vqa_science")
-    parser.add_argument("--base-dir", type=Path, help="folder with ScienceQA's problems.json, for the category table")
     parser.add_argument("--output-file", type=Path, help="write LLaVA's per-question analysis ({correct, incorrect})")
     parser.add_argument("--output-result", type=Path, help="write LLaVA's result JSON (acc, correct, count, results, outputs)")
-    parser.add_argument("--options", nargs="+", default=list(OPTIONS))
+    parser.add_argument("--split", default="test", help="key of pid_splits.json with --base-dir (default test)")
+    parser.add_argument("--options", nargs="+", default=list(OPTIONS), help="option letters (default A B C D E)")
+    parser.add_argument("--question-file", type=Path,
+                        help="LLaVA question file (e.g. llava_test_CQM-A.json) instead of problems.json's split; "
+                             "--base-dir then only adds the category table")
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of the text report")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.question_file is None and args.base_dir is None:
+        parser.error("give --base-dir (ScienceQA's problems.json + pid_splits.json) or --question-file")
 
-    options = tuple(args.options)
-    questions = load_questions(args.question_file, options)
+    options = parse_options(args.options)
+    problems = None
+    if args.question_file is not None:
+        questions = load_questions(args.question_file, options)
+        if args.base_dir is not None:
+            problems = read_json(args.base_dir / "problems.json")
+    else:
+        questions, problems = load_split(args.base_dir, args.split, options)
     predictions = read_jsonl_by_id(args.result_file, "question_id")
     for qid, pred in predictions.items():
         if "text" not in pred:
             raise ValueError(f"{args.result_file}: answer {qid!r} has no 'text' field")
-    problems = None
-    if args.base_dir is not None:
-        problems = read_json(args.base_dir / "problems.json")
     res = score(questions, predictions, problems, options)
 
     if args.output_file:

@@ -1,17 +1,21 @@
 """LLaVA-Bench-in-the-Wild LLM judge over any OpenAI-compatible chat endpoint.
 
-Same protocol as LLaVA's ``llava/eval/eval_gpt_review_bench.py``, so its ``rule.json`` and
+Same protocol and flags as LLaVA's ``llava/eval/eval_gpt_review_bench.py`` (also available under
+that name, ``llava_drip/eval/eval_gpt_review_bench.py``), so its scripts, ``rule.json`` and
 review files keep working: per question the judge sees the image caption (context.jsonl), the
 question, the reference answer as assistant 1 and ours as assistant 2, and the category's prompt
-from the rule file; the first line of its reply holds the two scores. Differences, on purpose:
-answers are joined to questions by ``question_id`` (LLaVA zips lines), requests are retried with
-backoff and cached on disk (a rerun sends nothing it already has), and a reply without two scores
-is written with ``tuple: null`` and left out of the summary (``--llava-compat`` writes
-``[-1, -1]`` as LLaVA does, which the summary then averages in).
+from the rule file; the first line of its reply holds the two scores. The judge model defaults to
+LLaVA's ``gpt-4-0314`` (``--model`` or ``$JUDGE_MODEL`` to change it); the openai client reads
+the key from ``$OPENAI_API_KEY`` and the endpoint from ``$OPENAI_BASE_URL``.
 
-    OPENAI_API_KEY=... python -m llava_drip.eval.judge_llava_bench --question questions.jsonl \\
-        --context context.jsonl --answer-list answers_gpt4.jsonl ours.jsonl --rule rule.json \\
-        --output reviews.jsonl --model gpt-4-0314 [--base-url http://host/v1]
+Differences, on purpose: answers are joined to questions by ``question_id`` (LLaVA zips lines),
+requests are retried with backoff and cached on disk (a rerun sends nothing it already has), and
+a reply without two scores is written with ``tuple: null`` and left out of the summary
+(``--llava-compat`` writes ``[-1, -1]`` as LLaVA does, which the summary then averages in).
+
+    OPENAI_API_KEY=... python llava_drip/eval/eval_gpt_review_bench.py --question questions.jsonl \
+        --context context.jsonl --rule llava_drip/eval/table/rule.json \
+        --answer-list answers_gpt4.jsonl ours.jsonl --output reviews/ours.jsonl
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,13 +33,18 @@ from pathlib import Path
 import openai
 from tqdm import tqdm
 
+if not __package__:  # run as a file (python llava_drip/eval/X.py): import this checkout's package
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+
 from llava_drip.eval.io_utils import iter_jsonl, join_answers, read_json, read_jsonl_by_id, write_jsonl
 from llava_drip.eval.summarize_gpt_review import format_table, summarize
 
 logger = logging.getLogger(__name__)
 
-# Our own judge prompt (rule.json schema); found in the source checkout next to the launchers.
-DEFAULT_RULE = Path(__file__).resolve().parents[2] / "eval" / "judge_prompt.json"
+# Our own judge prompt, in LLaVA's rule.json schema and at its place (llava/eval/table/rule.json).
+DEFAULT_RULE = Path(__file__).resolve().parent / "table" / "rule.json"
+# The judge LLaVA's eval_gpt_review_bench.py hard-codes; $JUDGE_MODEL or --model replace it.
+DEFAULT_JUDGE_MODEL = "gpt-4-0314"
 # LLaVA's system message, kept word for word so scores stay comparable with its reviews.
 SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."
 _RETRYABLE = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
@@ -149,7 +159,10 @@ def judge_all(judge: Judge, question_path: Path, context_path: Path, ref_path: P
         category = f"llava_bench_{q['category']}"
         if category not in rules:
             raise KeyError(f"no rule {category!r} for question_id {q['question_id']!r}; rules: {sorted(rules)}")
-        content = build_content(contexts[str(q["image"])]["caption"], q["text"], ref["text"], ans["text"], rules[category])
+        caption = contexts[str(q["image"])]["caption"]
+        if isinstance(caption, list):  # LLaVA joins caption lists by lines (a string is used as it is)
+            caption = "\n".join(caption)
+        content = build_content(caption, q["text"], ref["text"], ans["text"], rules[category])
         row = {"id": idx + 1, "question_id": q["question_id"],
                "answer1_id": ref.get("answer_id", ref["question_id"]),
                "answer2_id": ans.get("answer_id", ans["question_id"]), "category": category}
@@ -165,41 +178,59 @@ def judge_all(judge: Judge, question_path: Path, context_path: Path, ref_path: P
     return reviews
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="LLaVA-Bench LLM judge over an OpenAI-compatible endpoint.")
-    parser.add_argument("--question", type=Path, required=True, help="questions.jsonl")
-    parser.add_argument("--context", type=Path, required=True, help="context.jsonl (image captions)")
-    parser.add_argument("--answer-list", nargs=2, type=Path, required=True, metavar=("REFERENCE", "ANSWERS"),
-                        help="reference answers (answers_gpt4.jsonl), then the answers to judge")
-    parser.add_argument("--rule", type=Path, default=DEFAULT_RULE,
-                        help="judge prompts in rule.json's schema (LLaVA's rule.json works); default: eval/judge_prompt.json")
-    parser.add_argument("--output", type=Path, required=True, help="review JSONL to write")
-    parser.add_argument("--model", required=True, help="judge model name as the endpoint knows it (LLaVA used gpt-4-0314)")
-    parser.add_argument("--base-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)")
+def _path(text: str) -> Path:
+    return Path(os.path.expanduser(text))  # LLaVA expands ~ in every path
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """LLaVA's eval_gpt_review_bench flags (-q -c -a -r -o --max-tokens), then ours."""
+    parser = argparse.ArgumentParser(prog=prog, description="LLaVA-Bench LLM judge over an OpenAI-compatible endpoint.")
+    parser.add_argument("-q", "--question", type=_path, required=True, help="questions.jsonl")
+    parser.add_argument("-c", "--context", type=_path, required=True, help="context.jsonl (image captions)")
+    parser.add_argument("-a", "--answer-list", nargs="+", type=_path, required=True, metavar="FILE",
+                        help="two files: the reference answers (answers_gpt4.jsonl), then the answers to judge")
+    parser.add_argument("-r", "--rule", type=_path, default=DEFAULT_RULE,
+                        help="judge prompts in LLaVA's rule.json schema (LLaVA's own rule.json works); "
+                             "default: our llava_drip/eval/table/rule.json")
+    parser.add_argument("-o", "--output", type=_path, required=True, help="review JSONL to write")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="maximum number of tokens of a judge reply")
+    parser.add_argument("--model", default=os.environ.get("JUDGE_MODEL") or DEFAULT_JUDGE_MODEL,
+                        help=f"judge model as the endpoint names it (default $JUDGE_MODEL, else LLaVA's {DEFAULT_JUDGE_MODEL})")
+    parser.add_argument("--base-url", default=None,
+                        help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL, "
+                             "else OpenAI, as the openai client does)")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     parser.add_argument("--temperature", type=float, default=0.2)
-    parser.add_argument("--max-tokens", type=int, default=1024)
     parser.add_argument("--max-retries", type=int, default=5, help="retries on connection errors, 429 and 5xx")
     parser.add_argument("--retry-wait", type=float, default=2.0, help="first backoff in seconds, doubled each retry")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     parser.add_argument("--parallel", type=int, default=1, help="concurrent requests")
-    parser.add_argument("--cache", type=Path, help="reply cache (default: OUTPUT.cache, JSONL)")
+    parser.add_argument("--cache", type=_path, help="reply cache (default: OUTPUT.cache, JSONL)")
     parser.add_argument("--llava-compat", action="store_true", help="score unparsable replies [-1, -1] as LLaVA does")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # httpx logs every request at INFO; keep the console to our own messages.
     for noisy in ("httpx", "httpx2", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+    if len(args.answer_list) != 2:
+        parser.error(f"--answer-list takes two files (reference answers, then the answers to judge), "
+                     f"got {len(args.answer_list)}")
     if not args.rule.exists():
-        parser.error(f"rule file {args.rule} not found; pass --rule (LLaVA's rule.json or eval/judge_prompt.json)")
+        parser.error(f"rule file {args.rule} not found; pass --rule (LLaVA's rule.json or ours, {DEFAULT_RULE})")
     api_key = os.environ.get(args.api_key_env)
     if not api_key:
         parser.error(f"set ${args.api_key_env} to the endpoint's API key (any non-empty value if it checks none)")
     # Retries are ours (logged, with backoff); the client's own would hide them.
     client = openai.OpenAI(base_url=args.base_url, api_key=api_key, max_retries=0, timeout=args.timeout)
     cache = JudgeCache(args.cache or args.output.with_name(args.output.name + ".cache"))
-    judge = Judge(client, args.model, cache, base_url=args.base_url or "", temperature=args.temperature,
+    # the endpoint is part of the cache key: the one the client resolved, from --base-url or $OPENAI_BASE_URL
+    judge = Judge(client, args.model, cache, base_url=str(client.base_url), temperature=args.temperature,
                   max_tokens=args.max_tokens, max_retries=args.max_retries, retry_wait=args.retry_wait)
     reviews = judge_all(judge, args.question, args.context, *args.answer_list, load_rules(args.rule),
                         llava_compat=args.llava_compat, parallel=args.parallel)

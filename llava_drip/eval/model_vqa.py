@@ -1,16 +1,23 @@
 """Answer a LLaVA-Bench question file (JSONL of ``{question_id, image, text, category}``), as LLaVA's
-``llava/eval/model_vqa.py`` does, batched and resumable.
+``llava/eval/model_vqa.py`` does (same flags and defaults), batched and resumable.
 
 The human turn is ``<image>\\n`` + the question; the answer's ``prompt`` is the question alone.
 
     python -m llava_drip.eval.model_vqa --model-path M --question-file questions.jsonl \\
-        --image-folder images --answers-file answers/M.jsonl [--temperature 0]
+        --image-folder images --answers-file answers/M.jsonl --temperature 0 --conv-mode vicuna_v1
+
+``python llava_drip/eval/model_vqa.py ...`` works too.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a file (python llava_drip/eval/X.py): import this checkout's package
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 from llava_drip.eval.answering import Question, add_common_args, answer_questions, check_unique_ids
 from llava_drip.eval.io_utils import iter_jsonl
@@ -26,11 +33,15 @@ def load_questions(path: str, image_folder: str) -> list[Question]:
     return check_unique_ids(path, questions)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    add_common_args(parser, temperature=0.2, max_new_tokens=1024)
-    args = parser.parse_args(argv)
+    add_common_args(parser, conv_mode="llava_v1")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return answer_questions(load_questions(args.question_file, args.image_folder), args)
 

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections import Counter
 from pathlib import Path
 
 from rouge_score import rouge_scorer, tokenizers
+
+if not __package__:  # run as a file (python llava_drip/eval/X.py): import this checkout's package
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 from llava_drip.eval.io_utils import join_answers, write_jsonl
 

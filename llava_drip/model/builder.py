@@ -1,13 +1,16 @@
 """load_pretrained_model: LLaVA's loader, dispatching on what the folder holds (never on its name).
 
-A folder is one of
-- a full model:   config.json (model_type llava_llama) + model*.safetensors
-- LoRA + base:    adapter_config.json + non_lora_trainables.safetensors (+ config.json); LLM from model_base
+A folder is one of (this project's names and LLaVA's)
+- a full model:   config.json (model_type llava_llama or LLaVA's llava) + model*.safetensors / pytorch_model*.bin
+- LoRA + base:    adapter_config.json + non_lora_trainables.{bin,safetensors} + config.json; LLM from model_base
 - projector only: mm_projector.bin / .safetensors + config.json (stage 1); LLM from model_base
+Every load is strict: a missing or unexpected weight is an error, except a tower the folder leaves to
+its source (LLaVA's HF CLIP id, or this project's clip-train checkpoint), which is then loaded from there.
 """
 import json
 import logging
 import os
+import re
 from typing import Optional
 
 import torch
@@ -42,14 +45,69 @@ def load_projector_weights(projector: torch.nn.Module, path: str):
                            f"unexpected {result.unexpected_keys}")
 
 
-def _load_strict_subset(model: torch.nn.Module, sd: dict, path: str, expected_prefixes):
-    """Load a partial state dict; every key must exist in the model and all expected modules be covered."""
-    own = model.state_dict()
-    unexpected = [k for k in sd if k not in own]
-    missing = [k for k in own if k.startswith(expected_prefixes) and k not in sd]
-    if unexpected or missing:
-        raise RuntimeError(f"{path}: unexpected keys {unexpected[:8]}, missing keys {missing[:8]}")
-    model.load_state_dict(sd, strict=False)
+WEIGHT_FILES = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+# buffers that older transformers saved and current ones rebuild: never a reason to refuse a checkpoint
+_REBUILT_BUFFERS = ("rotary_emb.inv_freq", "embeddings.position_ids")
+_TOWER, _PROJECTOR = "model.vision_tower.", "model.mm_projector."
+
+
+def checkpoint_kind(files) -> Optional[str]:
+    """'lora', 'full' or 'projector' from a folder's file names (LLaVA's and this project's names)."""
+    if "adapter_config.json" in files:
+        return "lora"
+    if any(WEIGHT_FILES.fullmatch(f) for f in files):
+        return "full"
+    if any(f in files for f in PROJECTOR_FILES):
+        return "projector"
+    return None
+
+
+def _from_pretrained(path: str, cfg, torch_dtype, allow_missing=()):
+    """from_pretrained that refuses missing / unexpected weights, except missing ones under allow_missing."""
+    model, info = LlavaLlamaForCausalLM.from_pretrained(path, config=cfg, torch_dtype=torch_dtype,
+                                                        output_loading_info=True)
+    unexpected = [k for k in info["unexpected_keys"] if not k.endswith(_REBUILT_BUFFERS)]
+    missing = [k for k in info["missing_keys"] if not k.startswith(tuple(allow_missing))]
+    if missing or unexpected or info.get("mismatched_keys"):
+        raise RuntimeError(f"{path}: weights do not match the model: missing {missing[:8]} ({len(missing)}), "
+                           f"unexpected {unexpected[:8]} ({len(unexpected)}), "
+                           f"mismatched {list(info.get('mismatched_keys') or [])[:4]}")
+    return model, set(info["missing_keys"])
+
+
+def _non_lora_trainables(model_path: str) -> dict:
+    """non_lora_trainables.{safetensors,bin} with LLaVA's key prefixes (base_model.model.) removed."""
+    for name in ("non_lora_trainables.safetensors", "non_lora_trainables.bin"):
+        path = os.path.join(model_path, name)
+        if os.path.isfile(path):
+            sd = _load_tensors(path)
+            sd = {(k[len("base_model.model."):] if k.startswith("base_model.model.") else k): v for k, v in sd.items()}
+            if any(k.startswith("model.model.") for k in sd):  # an older LLaVA naming
+                sd = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in sd.items()}
+            return sd
+    raise FileNotFoundError(f"{model_path}: a LoRA folder needs non_lora_trainables.bin (or .safetensors) "
+                            "holding the projector")
+
+
+def _load_part(model: torch.nn.Module, sd: dict, prefix: str, path: str) -> bool:
+    """Load the tensors under `prefix` strictly; False when `sd` holds none of them."""
+    part = {k: v for k, v in sd.items() if k.startswith(prefix)}
+    if not part:
+        return False
+    own = {k for k in model.state_dict() if k.startswith(prefix)}
+    missing, unexpected = sorted(own - set(part)), sorted(set(part) - own)
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: {prefix}* keys do not match: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    model.load_state_dict(part, strict=False)
+    return True
+
+
+def _llava_config(path: str):
+    """The folder's config as our LlavaConfig (LLaVA's own folders say model_type 'llava' or 'llava_llama')."""
+    cfg = LlavaConfig.from_pretrained(path)
+    if not getattr(cfg, "mm_vision_tower", None):
+        raise ValueError(f"{path}/config.json names no mm_vision_tower: not a LLaVA checkpoint")
+    return cfg
 
 
 def _tokenizer(path: str):
@@ -61,22 +119,21 @@ def _tokenizer(path: str):
 
 
 def load_pretrained_model(model_path: str, model_base: Optional[str] = None, model_name: Optional[str] = None,
-                          device: str = "cpu", torch_dtype: Optional[torch.dtype] = None, **unused):
+                          load_8bit: bool = False, load_4bit: bool = False, device_map=None, device: str = "cpu",
+                          torch_dtype: Optional[torch.dtype] = None, **unused):
     """Return (tokenizer, model, image_processor, context_len) as LLaVA's builder does.
 
-    model_name is accepted for LLaVA compatibility and ignored: the folder's files decide.
+    model_name is accepted for LLaVA compatibility and ignored: the folder's files decide. Reads this
+    project's folders and LLaVA's (config model_type 'llava' / 'llava_llama', pytorch_model*.bin shards,
+    non_lora_trainables.bin, a tower left out of the weights and loaded from mm_vision_tower).
     """
-    if not os.path.isdir(model_path):
-        raise FileNotFoundError(f"model folder not found: {model_path}")
+    if load_8bit or load_4bit:
+        raise ValueError("load_8bit / load_4bit need bitsandbytes on CUDA, which this project does not support yet")
+    model_path = _local_folder(model_path)
     files = set(os.listdir(model_path))
     torch_dtype = torch_dtype or torch.float32
-    if "adapter_config.json" in files:
-        kind = "lora"
-    elif any(f.startswith("model") and f.endswith(".safetensors") for f in files):
-        kind = "full"
-    elif any(f in files for f in PROJECTOR_FILES):
-        kind = "projector"
-    else:
+    kind = checkpoint_kind(files)
+    if kind is None:
         raise ValueError(f"{model_path}: neither a full model, a LoRA adapter nor a projector checkpoint "
                          f"(files: {sorted(files)[:10]})")
     if kind != "full":
@@ -84,40 +141,62 @@ def load_pretrained_model(model_path: str, model_base: Optional[str] = None, mod
             model_base = _base_from_folder(model_path)
         if model_base is None:
             raise ValueError(f"{model_path} holds a {kind} checkpoint: pass model_base (the base LLM folder)")
+        model_base = _local_folder(model_base)
 
+    cfg = _llava_config(model_path)
     if kind == "full":
         tokenizer = _tokenizer(model_path)
-        model = LlavaLlamaForCausalLM.from_pretrained(model_path, torch_dtype=torch_dtype)
+        model, missing = _from_pretrained(model_path, cfg, torch_dtype, allow_missing=(_TOWER,))
+        if any(k.startswith(_TOWER) for k in missing):  # LLaVA folders may leave the tower to its source
+            model.get_model().vision_tower = _tower_with_weights(cfg)
     else:
-        cfg = LlavaConfig.from_pretrained(model_path)
         tokenizer = _tokenizer(model_path if "tokenizer_config.json" in files else model_base)
-        model = LlavaLlamaForCausalLM.from_pretrained(model_base, config=cfg, torch_dtype=torch_dtype)
+        model, _ = _from_pretrained(model_base, cfg, torch_dtype, allow_missing=(_TOWER, _PROJECTOR))
         if kind == "projector":
-            # the tower comes from the checkpoint its config names; the projector from this folder
+            # the tower comes from its source (checkpoint or HF folder); the projector from this folder
             model.get_model().vision_tower = _tower_with_weights(cfg)
             load_projector_weights(model.get_model().mm_projector, model_path)
         else:
-            path = os.path.join(model_path, "non_lora_trainables.safetensors")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} is missing: a LoRA folder must hold the projector and tower")
-            _load_strict_subset(model, _load_tensors(path), path, ("model.mm_projector.", "model.vision_tower."))
+            sd = _non_lora_trainables(model_path)
+            if not _load_part(model, sd, _PROJECTOR, model_path):
+                raise RuntimeError(f"{model_path}: non_lora_trainables holds no {_PROJECTOR}* weights")
+            if not _load_part(model, sd, _TOWER, model_path):
+                model.get_model().vision_tower = _tower_with_weights(cfg)
+            stray = [k for k in sd if not k.startswith((_PROJECTOR, _TOWER))]
+            if stray:
+                raise RuntimeError(f"{model_path}: non_lora_trainables holds unexpected keys {stray[:8]}")
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, model_path)
             model = model.merge_and_unload()
     model.to(device=device, dtype=torch_dtype)
     model.eval()
     image_processor = model.get_vision_tower().image_processor
-    context_len = getattr(model.config, "max_position_embeddings", 2048)
+    context_len = getattr(model.config, "max_sequence_length", None) or getattr(model.config, "max_position_embeddings", 2048)
     return tokenizer, model, image_processor, context_len
 
 
+def _local_folder(path: str) -> str:
+    """A folder as given, or an HF hub id (owner/name) fetched into the hub cache when a hub is reachable."""
+    if os.path.isdir(path):
+        return path
+    from .multimodal_encoder.builder import _HUB_ID
+    if not _HUB_ID.fullmatch(path):
+        raise FileNotFoundError(f"model folder not found: {path}")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path)
+    except Exception as e:  # offline, unknown id, gated repo: one message that names the id
+        raise FileNotFoundError(f"model folder not found: {path}, and it could not be fetched from the hub as "
+                                f"a model id ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+
+
 def _tower_with_weights(cfg):
-    from .multimodal_encoder.builder import build_vision_tower
-    if cfg.mm_vision_tower_type != "hf_clip" and not cfg.mm_vision_tower_pretrained:
-        raise ValueError("the config names no mm_vision_tower_pretrained checkpoint for the tower")
+    from .multimodal_encoder.builder import build_vision_tower, resolve_tower_type
+    kind = resolve_tower_type(cfg.mm_vision_tower, getattr(cfg, "mm_vision_tower_type", "auto"))
+    if kind != "hf_clip" and not getattr(cfg, "mm_vision_tower_pretrained", None):
+        raise ValueError(f"the config's {kind} tower {cfg.mm_vision_tower!r} names no mm_vision_tower_pretrained "
+                         "checkpoint, and the folder does not hold its weights")
     return build_vision_tower(cfg, load_weights=True)
-
-
 def _base_from_folder(model_path: str) -> Optional[str]:
     """The base LLM recorded at training time (adapter_config or our training record), if still present."""
     for name, key in (("adapter_config.json", "base_model_name_or_path"), ("llava_drip_train.json", "model_name_or_path")):

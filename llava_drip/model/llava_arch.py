@@ -10,7 +10,7 @@ import torch
 
 from llava_drip.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
-from .multimodal_encoder.builder import build_vision_tower
+from .multimodal_encoder.builder import build_vision_tower, resolve_tower_type
 from .multimodal_projector.builder import build_vision_projector
 
 
@@ -31,12 +31,17 @@ class LlavaMetaModel:
         """Attach (or re-attach) the tower with its pretrained weights and a projector (stage 1/2 start)."""
         cfg = self.config
         cfg.mm_vision_tower = model_args.vision_tower
-        cfg.mm_vision_tower_type = model_args.vision_tower_type
+        # the resolved kind is saved, so loading never re-guesses it (a stage-1 folder with an HF tower)
+        cfg.mm_vision_tower_type = resolve_tower_type(model_args.vision_tower, model_args.vision_tower_type)
         cfg.mm_vision_tower_pretrained = model_args.vision_tower_pretrained
         cfg.mm_vision_select_layer = model_args.mm_vision_select_layer
         cfg.mm_vision_select_feature = model_args.mm_vision_select_feature
         cfg.mm_drip_eval_mode = model_args.drip_eval_mode
         cfg.mm_projector_type = model_args.mm_projector_type
+        if cfg.mm_vision_tower_type != "hf_clip" and not model_args.vision_tower_pretrained:
+            # an untrained DRIP / open_clip tower would train LLaVA on noise without a word
+            raise ValueError(f"--vision_tower {model_args.vision_tower} ({cfg.mm_vision_tower_type}) needs "
+                             "--vision_tower_pretrained: its clip-train checkpoint")
         self.vision_tower = build_vision_tower(cfg, load_weights=True)
         cfg.mm_hidden_size = self.vision_tower.hidden_size
         if getattr(self, "mm_projector", None) is None or model_args.pretrain_mm_mlp_adapter is None:

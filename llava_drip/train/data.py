@@ -1,12 +1,19 @@
-"""LLaVA's JSON data for stage 1/2: tokenization with labels, the dataset, the collator, bad-sample accounting.
+"""LLaVA's JSON data for stage 1/2: LLaVA's prompts and labels, the dataset, the collator, bad samples.
 
-Labels are built from character spans (each assistant answer plus its separator) and the tokenizer's
-offsets, not from LLaVA's per-round length arithmetic, so a template/tokenizer quirk cannot silently mask
-a whole sample; a sample that ends with no supervised token is a counted bad sample instead.
+Behaves as haotian-liu/LLaVA's llava/train/train.py (preprocess_multimodal, the preprocess_* functions,
+LazySupervisedDataset, DataCollatorForSupervisedDataset), written anew: input_ids and labels
+are LLaVA's token for token, including its length arithmetic: each round is tokenized alone and the
+instruction part is masked by count, so e.g. the lone "▁" piece that "ASSISTANT: 2" leaves before a
+digit is supervised, as in LLaVA. One rule per template family (`RoundRule`) replaces LLaVA's copies.
+
+Where LLaVA would mask a whole sample (its arithmetic disagrees with the tokenizer: "tokenization
+mismatch") or nothing is left to learn, the record is a counted bad sample (`BadSampleLog`) instead.
 """
 import json
+import logging
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -14,67 +21,229 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from llava_drip.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
-from llava_drip.conversation import Conversation
-from llava_drip.mm_utils import expand2square, tokenizer_image_token
+from llava_drip.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from llava_drip.conversation import Conversation, SeparatorStyle
+from llava_drip.mm_utils import expand2square, tokenizer_image_token, tokenizer_is_legacy
+
+logger = logging.getLogger(__name__)
+
+ROLE_KEYS = ("human", "gpt")
 
 
 class BadSample(Exception):
     """A record that cannot be trained on; the reason names the field or file."""
 
 
-def build_prompt(conversations: List[dict], conv: Conversation, has_image: bool) -> Tuple[str, List[Tuple[int, int]]]:
-    """Render a LLaVA conversation with `conv` and return (prompt, target character spans)."""
-    if not conversations:
+# ---- record -> turns -> prompt --------------------------------------------------------------------------
+def _image_turn(value: str, conv: Conversation, mm_use_im_start_end: bool) -> str:
+    """LLaVA's preprocess_multimodal for one turn of an image record: '<image>' moves to the front."""
+    if DEFAULT_IMAGE_TOKEN in value:
+        value = (DEFAULT_IMAGE_TOKEN + "\n" + value.replace(DEFAULT_IMAGE_TOKEN, "").strip()).strip()
+        if "mmtag" in conv.version:
+            value = value.replace(DEFAULT_IMAGE_TOKEN, "<Image>" + DEFAULT_IMAGE_TOKEN + "</Image>")
+    if mm_use_im_start_end:
+        value = value.replace(DEFAULT_IMAGE_TOKEN, DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN)
+    return value
+
+
+def prepare_turns(conversations: List[dict], conv: Conversation, has_image: bool,
+                  mm_use_im_start_end: bool = False) -> List[Tuple[str, str]]:
+    """Check a record's turns and apply LLaVA's rules to them.
+
+    Every turn that holds '<image>' gets exactly one, at its front (image records only). Templates
+    with round arithmetic (v1, llama_2, mpt) drop a leading gpt turn as LLaVA does; the plain
+    template takes exactly [human, gpt].
+
+    Returns:
+        [(from, value)], alternating "human" / "gpt" from a human turn and ending with a gpt turn.
+    """
+    if not isinstance(conversations, list) or not conversations:
         raise BadSample("empty 'conversations'")
-    n_img = sum(t.get("value", "").count(DEFAULT_IMAGE_TOKEN) for t in conversations)
-    if has_image and n_img != 1:
-        raise BadSample(f"record has an image but {n_img} '<image>' tokens in its conversations")
-    if not has_image and n_img:
-        raise BadSample(f"record has no image but {n_img} '<image>' tokens")
-    expected = ("human", "gpt")
+    turns = []
     for j, turn in enumerate(conversations):
-        if turn.get("from") != expected[j % 2] or not isinstance(turn.get("value"), str):
-            raise BadSample(f"turn {j}: expected from={expected[j % 2]!r} with a string 'value', got {turn.get('from')!r}")
-    if len(conversations) % 2:
+        frm = turn.get("from") if isinstance(turn, dict) else None
+        value = turn.get("value") if isinstance(turn, dict) else None
+        if frm not in ROLE_KEYS or not isinstance(value, str):
+            raise BadSample(f"turn {j}: expected from='human' or 'gpt' with a string 'value', "
+                            f"got from={frm!r}, value of type {type(value).__name__}")
+        turns.append((frm, value))
+    if not has_image:
+        n_img = sum(v.count(DEFAULT_IMAGE_TOKEN) for _, v in turns)
+        if n_img:
+            raise BadSample(f"record has no image but {n_img} '<image>' tokens")
+    else:
+        turns = [(f, _image_turn(v, conv, mm_use_im_start_end)) for f, v in turns]
+    if conv.sep_style == SeparatorStyle.PLAIN:
+        if len(turns) != 2:
+            raise BadSample(f"the plain template (stage 1) takes one human and one gpt turn, got {len(turns)} turns")
+        if not has_image or DEFAULT_IMAGE_TOKEN not in turns[0][1]:
+            raise BadSample("the plain template (stage 1) needs an image record with '<image>' in its first turn")
+    elif _has_round_rule(conv) and turns[0][0] == "gpt":
+        turns = turns[1:]
+    skipped = len(conversations) - len(turns)
+    for j, (frm, _) in enumerate(turns):
+        if frm != ROLE_KEYS[j % 2]:
+            raise BadSample(f"turn {j + skipped}: expected from={ROLE_KEYS[j % 2]!r}, got {frm!r}")
+    if not turns or turns[-1][0] == "human":
         raise BadSample("conversation ends with a human turn (no answer to learn)")
-    spans = []
-    if conv.style == "plain":
-        # stage 1: the image alone is the input, the first answer (caption) the target
-        text = DEFAULT_IMAGE_TOKEN if has_image else ""
-        start = len(text)
-        text += conversations[1]["value"] + conv.sep
-        return text, [(start, len(text))]
-    text = conv.system + conv.sep
-    for j, turn in enumerate(conversations):
-        value = turn["value"]
-        if j == 0 and has_image:  # LLaVA puts the image first in the first human turn
-            value = DEFAULT_IMAGE_TOKEN + "\n" + value.replace(DEFAULT_IMAGE_TOKEN, "").strip()
-        role = conv.roles[j % 2]
-        if j % 2 == 0:
-            text += f"{role}: {value}{conv.sep}"
+    return turns
+
+
+def _v0_sentences(turns: List[Tuple[str, str]], conv: Conversation) -> List[str]:
+    """LLaVA's fallback (v0) format: a header, then '### Role: value\\n' per turn."""
+    return [f"{conv.system}\n\n"] + [f"### {conv.roles[ROLE_KEYS.index(f)]}: {v}\n" for f, v in turns]
+
+
+def _render(turns: List[Tuple[str, str]], conv: Conversation) -> str:
+    if conv.sep_style == SeparatorStyle.PLAIN:  # the caption alone follows the image
+        return DEFAULT_IMAGE_TOKEN + turns[1][1] + conv.sep
+    if not _has_round_rule(conv):
+        return "".join(_v0_sentences(turns, conv)) + "### "
+    c = conv.copy()
+    c.messages = []
+    for j, (_, value) in enumerate(turns):
+        c.append_message(c.roles[j % 2], value)
+    return c.get_prompt()
+
+
+def _checked_prompt(turns: List[Tuple[str, str]], conv: Conversation, has_image: bool) -> str:
+    prompt = _render(turns, conv)
+    n_img = prompt.count(DEFAULT_IMAGE_TOKEN)
+    if has_image and n_img != 1:
+        raise BadSample(f"record has an image but {n_img} '<image>' tokens in its prompt "
+                        "(LLaVA keeps one per turn that has any)")
+    return prompt
+
+
+def build_prompt(conversations: List[dict], conv: Conversation, has_image: bool,
+                 mm_use_im_start_end: bool = False) -> str:
+    """The training prompt LLaVA builds for a record (BadSample if the record cannot be trained on)."""
+    return _checked_prompt(prepare_turns(conversations, conv, has_image, mm_use_im_start_end), conv, has_image)
+
+
+# ---- labels ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RoundRule:
+    """How LLaVA cuts a prompt into rounds and counts each round's tokens, for one template family."""
+    round_sep: str  # the prompt is split on this
+    answer_sep: str  # splits a round into instruction and answer; the instruction keeps it
+    regroup: bool  # mpt: system + first exchange form round 0, then one round per exchange
+    start: int  # tokens before round 0 that are masked (BOS)
+    instruction_trim: int  # tokens of the instruction tokenized alone that are not its tokens in context
+    later_round_fix: int  # added to both counts of every round after the first
+
+
+def _has_round_rule(conv: Conversation) -> bool:
+    return conv.sep_style == SeparatorStyle.LLAMA_2 or conv.version.startswith("v1") or conv.version == "mpt"
+
+
+def round_rule(conv: Conversation, legacy: bool) -> Optional[RoundRule]:
+    """LLaVA's `preprocess` dispatch: llama_2 by style, v1* and mpt by version; None for plain and v0.
+
+    The later-round fixes are LLaVA's IS_TOKENIZER_GREATER_THAN_0_14 branch (always taken: transformers 5
+    needs tokenizers >= 0.22). v1: a non-legacy tokenizer does not prefix "USER" after "</s>" with '▁',
+    so a later round alone has one token more than in context (-1). mpt: +1 for a legacy tokenizer.
+    """
+    if conv.sep_style == SeparatorStyle.LLAMA_2:
+        return RoundRule(conv.sep2, "[/INST] ", False, 1, 2, 0)
+    if conv.version.startswith("v1"):
+        if conv.sep_style != SeparatorStyle.TWO:
+            raise ValueError(f"template version {conv.version!r} trains with the TWO style, not {conv.sep_style.name}")
+        return RoundRule(conv.sep2, conv.sep + conv.roles[1] + ": ", False, 1, 2, 0 if legacy else -1)
+    if conv.version == "mpt":
+        if conv.sep_style != SeparatorStyle.MPT:
+            raise ValueError(f"template version 'mpt' trains with the MPT style, not {conv.sep_style.name}")
+        return RoundRule(conv.sep, conv.sep + conv.roles[1], True, 0, 1, 1 if legacy else 0)
+    return None
+
+
+def _mask(labels: List[int], start: Optional[int], stop: Optional[int]) -> None:
+    for k in range(*slice(start, stop).indices(len(labels))):  # tensor-slice semantics, as LLaVA's target[a:b]
+        labels[k] = IGNORE_INDEX
+
+
+def _round_labels(prompt: str, ids: List[int], tokenizer, rule: RoundRule) -> Tuple[List[int], int]:
+    """LLaVA's length arithmetic. Returns (labels, the token count it accounts for)."""
+    labels = list(ids)
+    rounds = prompt.split(rule.round_sep)
+    if rule.regroup:
+        rounds = [rule.round_sep.join(rounds[:3])] + [rule.round_sep.join(rounds[k:k + 2])
+                                                       for k in range(3, len(rounds), 2)]
+    cur = rule.start
+    _mask(labels, None, cur)
+    for i, rnd in enumerate(rounds):
+        parts = rnd.split(rule.answer_sep)
+        if rnd == "" or len(parts) != 2:
+            break
+        round_len = len(tokenizer_image_token(rnd, tokenizer))
+        instruction_len = len(tokenizer_image_token(parts[0] + rule.answer_sep, tokenizer)) - rule.instruction_trim
+        if i:
+            round_len += rule.later_round_fix
+            instruction_len += rule.later_round_fix
+        _mask(labels, cur, cur + instruction_len)
+        cur += round_len
+    _mask(labels, cur, None)
+    return labels, cur
+
+
+def _v0_labels(turns: List[Tuple[str, str]], conv: Conversation, ids: List[int], tokenizer,
+               max_len: Optional[int]) -> List[int]:
+    """LLaVA's fallback masking (_mask_targets): each human sentence but its first two tokens."""
+    def count(text: str) -> int:
+        n = len(tokenizer_image_token(text, tokenizer))
+        return n if max_len is None else min(n, max_len)  # text-only: LLaVA counts truncated tokenizations
+    lens = [count(s) for s in _v0_sentences(turns, conv)]
+    labels = list(ids)
+    cur = lens[0]
+    _mask(labels, None, cur)
+    for n, (frm, _) in zip(lens[1:], turns):
+        if frm == "human":
+            _mask(labels, cur + 2, cur + n)
+        cur += n
+    return labels
+
+
+def preprocess(conversations: List[dict], conv: Conversation, tokenizer, has_image: bool,
+               model_max_length: Optional[int] = None, mm_use_im_start_end: bool = False,
+               legacy: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One record -> (input_ids [T], labels [T]) exactly as LLaVA's `preprocess` builds them.
+
+    Text-only records are truncated to model_max_length (LLaVA's tokenizer call); image records are
+    not (the collator truncates them, as LLaVA's does). The image sentinel is IMAGE_TOKEN_INDEX.
+
+    Args:
+        model_max_length: defaults to tokenizer.model_max_length, as in LLaVA.
+        legacy: `tokenizer_is_legacy(tokenizer)` if None (pass it to skip the probe per record).
+
+    Raises:
+        BadSample: the record is malformed, LLaVA's arithmetic disagrees with the tokenizer (LLaVA would
+            mask the whole sample), or no supervised token is left within model_max_length.
+    """
+    max_len = tokenizer.model_max_length if model_max_length is None else model_max_length
+    turns = prepare_turns(conversations, conv, has_image, mm_use_im_start_end)
+    prompt = _checked_prompt(turns, conv, has_image)
+    ids = tokenizer_image_token(prompt, tokenizer)
+    full_len = len(ids)
+    if conv.sep_style == SeparatorStyle.PLAIN:
+        labels = list(ids)
+        _mask(labels, None, len(tokenizer_image_token(DEFAULT_IMAGE_TOKEN, tokenizer)))
+    else:
+        rule = round_rule(conv, tokenizer_is_legacy(tokenizer) if legacy is None else legacy)
+        if rule is None:
+            labels = _v0_labels(turns, conv, ids, tokenizer, None if has_image else max_len)
         else:
-            text += f"{role}: "
-            start = len(text)
-            text += value + conv.sep2
-            spans.append((start, len(text)))
-    return text, spans
-
-
-def tokenize_with_labels(prompt: str, spans: Sequence[Tuple[int, int]], tokenizer, max_len: int):
-    ids, offsets = tokenizer_image_token(prompt, tokenizer, return_offsets=True)
-    labels = [IGNORE_INDEX] * len(ids)
-    for span_idx, (s0, s1) in enumerate(spans):
-        hit = False
-        for j, (a, b) in enumerate(offsets):
-            if a >= 0 and b > s0 and a < s1 and b > a:
-                labels[j] = ids[j]
-                hit = True
-        if not hit:
-            raise BadSample(f"tokenization mismatch: answer {span_idx} maps to no token")
-    ids, labels = ids[:max_len], labels[:max_len]
-    if all(l == IGNORE_INDEX for l in labels):
-        raise BadSample(f"no answer token left after truncation to {max_len} tokens")
+            labels, counted = _round_labels(prompt, ids, tokenizer, rule)
+            # LLaVA checks this only below model_max_length; a long sample with shifted labels is bad too
+            total = sum(1 for t in ids if t != tokenizer.pad_token_id)  # LLaVA's count: pad ids do not count
+            if counted != total:
+                hint = f"; the pad id {tokenizer.pad_token_id} occurs in it" if total != len(ids) else ""
+                raise BadSample(f"tokenization mismatch: LLaVA's round arithmetic counts {counted} tokens, the "
+                                f"tokenizer gives {total} (LLaVA masks such a sample; template {conv.version!r}{hint})")
+    if not has_image:
+        ids, labels = ids[:max_len], labels[:max_len]
+    if all(t == IGNORE_INDEX for t in labels[:max_len]):
+        where = f"after truncation to {max_len} tokens" if full_len > max_len else "in the sample"
+        raise BadSample(f"no answer token left {where}")
     return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
@@ -111,13 +280,26 @@ class BadSampleLog:
 
 
 class LazySupervisedDataset(Dataset):
-    """LLaVA JSON records -> {input_ids, labels, image}. Checks what is cheap up front, the rest lazily."""
+    """LLaVA JSON records -> {input_ids, labels, image}. Checks what is cheap up front, the rest lazily.
+
+    Args:
+        conv: the template (`get_conv_template(version)`); it picks LLaVA's prompt and label rule.
+        model_max_length: text-only records are truncated to it here, image records by the collator.
+        max_image_tokens: unused (deprecated): LLaVA truncates after splicing the visual tokens.
+        mm_use_im_start_end: wrap '<image>' in '<im_start>' / '<im_end>' as LLaVA does.
+    """
 
     def __init__(self, data_path: str, tokenizer, conv: Conversation, image_folder: Optional[str],
                  image_processor=None, image_aspect_ratio: str = "square", model_max_length: int = 2048,
-                 max_image_tokens: int = 0, bad_log: Optional[BadSampleLog] = None):
+                 max_image_tokens: int = 0, bad_log: Optional[BadSampleLog] = None,
+                 mm_use_im_start_end: bool = False):
+        if max_image_tokens:
+            warnings.warn("LazySupervisedDataset(max_image_tokens=...) is ignored: text is no longer shortened "
+                          "to leave room for visual tokens (LLaVA truncates after splicing)", DeprecationWarning,
+                          stacklevel=2)
         try:
-            records = json.load(open(data_path))
+            with open(data_path) as f:
+                records = json.load(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"--data_path not found: {data_path}") from None
         except json.JSONDecodeError as e:
@@ -126,8 +308,15 @@ class LazySupervisedDataset(Dataset):
             raise ValueError(f"{data_path}: expected a JSON list of records, got {type(records).__name__}")
         self.tokenizer, self.conv, self.image_folder = tokenizer, conv, image_folder
         self.image_processor, self.image_aspect_ratio = image_processor, image_aspect_ratio
-        # reserve room for the visual tokens so splicing never truncates an answer
-        self.text_max_len = model_max_length - max_image_tokens
+        self.model_max_length, self.mm_use_im_start_end = model_max_length, mm_use_im_start_end
+        self.legacy = tokenizer_is_legacy(tokenizer)
+        rule = round_rule(conv, self.legacy)
+        logger.info("template %r: LLaVA's %s labels (tokenizer legacy=%s)", conv.version,
+                    "plain" if conv.sep_style == SeparatorStyle.PLAIN else ("v0" if rule is None else "round"),
+                    self.legacy)
+        if rule is not None and rule.start and tokenizer("a").input_ids[:1] != [tokenizer.bos_token_id]:
+            logger.warning("the tokenizer adds no BOS, which LLaVA's label arithmetic assumes: multi-turn records "
+                           "will be tokenization mismatches (load it with add_bos_token=True)")
         self.bad = bad_log or BadSampleLog(None)
         self.records = []
         for i, rec in enumerate(records):
@@ -150,20 +339,31 @@ class LazySupervisedDataset(Dataset):
             path = os.path.join(self.image_folder, rec["image"])
             if not os.path.isfile(path):
                 raise BadSample(f"image file missing: {path}")
-        build_prompt(rec["conversations"], self.conv, "image" in rec)
+        build_prompt(rec["conversations"], self.conv, "image" in rec, self.mm_use_im_start_end)
 
     def __len__(self):
         return len(self.records)
 
     def text_lengths(self) -> List[int]:
+        """Words per record (LLaVA's length measure for grouping)."""
         return [sum(len(t["value"].split()) for t in r["conversations"]) for r in self.records]
+
+    @property
+    def lengths(self) -> List[int]:
+        """LLaVA's: words plus 128 for an image."""
+        return [n + (128 if "image" in r else 0) for r, n in zip(self.records, self.text_lengths())]
+
+    @property
+    def modality_lengths(self) -> List[int]:
+        """LLaVA's: words, negative for text-only records."""
+        return [n if "image" in r else -n for r, n in zip(self.records, self.text_lengths())]
 
     def load_image(self, rec) -> torch.Tensor:
         path = os.path.join(self.image_folder, rec["image"])
         try:
             with Image.open(path) as im:
                 img = im.convert("RGB")
-        except Exception as e:
+        except Exception as e:  # PIL raises several types for corrupt files
             raise BadSample(f"unreadable image {path}: {e}") from e
         if self.image_aspect_ratio == "pad":
             img = expand2square(img, tuple(int(x * 255) for x in self.image_processor.image_mean))
@@ -171,15 +371,15 @@ class LazySupervisedDataset(Dataset):
 
     def _build(self, rec):
         has_image = "image" in rec
-        prompt, spans = build_prompt(rec["conversations"], self.conv, has_image)
-        input_ids, labels = tokenize_with_labels(prompt, spans, self.tokenizer, self.text_max_len)
+        input_ids, labels = preprocess(rec["conversations"], self.conv, self.tokenizer, has_image,
+                                       self.model_max_length, self.mm_use_im_start_end, self.legacy)
         item = {"input_ids": input_ids, "labels": labels, "id": rec.get("id")}
         if has_image:
             item["image"] = self.load_image(rec)
         return item
 
     def __getitem__(self, i):
-        # a record that fails here is logged and replaced by the next one, as LLaVA does
+        # a record that fails here is logged and replaced by the next one
         for attempt in range(len(self.records)):
             rec = self.records[(i + attempt) % len(self.records)]
             try:
@@ -191,14 +391,17 @@ class LazySupervisedDataset(Dataset):
 
 @dataclass
 class DataCollatorForSupervisedDataset:
+    """Pads a batch and truncates it to tokenizer.model_max_length, as LLaVA's collator does."""
     tokenizer: object
     image_shape: Optional[Tuple[int, int, int]] = None  # set when the model has a vision tower
 
     def __call__(self, instances: Sequence[dict]) -> dict:
-        pad_id = self.tokenizer.pad_token_id
-        ids = torch.nn.utils.rnn.pad_sequence([x["input_ids"] for x in instances], batch_first=True, padding_value=pad_id)
+        max_len = self.tokenizer.model_max_length
+        ids = torch.nn.utils.rnn.pad_sequence([x["input_ids"] for x in instances], batch_first=True,
+                                              padding_value=self.tokenizer.pad_token_id)[:, :max_len]
         labels = torch.nn.utils.rnn.pad_sequence([x["labels"] for x in instances], batch_first=True,
-                                                 padding_value=IGNORE_INDEX)
+                                                 padding_value=IGNORE_INDEX)[:, :max_len]
+        # by length, not ids != pad (LLaVA's): a pad id inside the text must stay visible
         mask = torch.zeros_like(ids, dtype=torch.bool)
         for j, x in enumerate(instances):
             mask[j, : len(x["input_ids"])] = True

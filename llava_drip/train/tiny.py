@@ -24,14 +24,16 @@ def corpus_from_llava_json(paths: Iterable[str]) -> List[str]:
 
 
 def train_tokenizer(out_dir: str, lines: List[str], vocab_size: int = 512):
-    """Byte-fallback BPE so any text (and any emoji a user types in the demo) tokenizes."""
+    """Byte-fallback BPE so any text (and any emoji a user types in the demo) tokenizes, with Llama's
+    normalisation (digits split, whitespace kept as is: "USER: " ends in a lone "▁" as with Vicuna)."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
     os.makedirs(out_dir, exist_ok=True)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=os.path.join(out_dir, "tokenizer"), vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        hard_vocab_limit=False, minloglevel=2, num_threads=1)
+        hard_vocab_limit=False, minloglevel=2, num_threads=1, split_digits=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity")
     os.remove(os.path.join(out_dir, "tokenizer.vocab"))
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
@@ -78,6 +80,20 @@ def build_tiny_llm(out_dir: str, lines: List[str], vocab_size: int = 512, seed: 
         tok.pad_token = None
     model.save_pretrained(out_dir)
     return tok, model
+
+
+def build_tiny_hf_clip(out_dir: str, image_size: int = 32, patch_size: int = 8, seed: int = 0) -> str:
+    """A tiny transformers CLIPVisionModel + CLIPImageProcessor folder: a stand-in for LLaVA-1.5's
+    openai/clip-vit-large-patch14-336 (same classes and file layout, random weights)."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=image_size, patch_size=patch_size, projection_dim=64)
+    CLIPVisionModel(cfg).save_pretrained(out_dir)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+                       ).save_pretrained(out_dir)
+    return out_dir
 
 
 def main(argv=None) -> int:

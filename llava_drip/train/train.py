@@ -5,10 +5,13 @@ Launch as LLaVA users do:
         --version plain --data_path ... --image_folder ... --vision_tower DRIP-4x-32 \
         --vision_tower_pretrained runs/clip/epoch_latest.pt --tune_mm_mlp_adapter True ...
 """
+import contextlib
 import json
 import logging
 import os
 import pathlib
+import re
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -45,6 +48,7 @@ class ModelArguments:
     mm_projector_type: str = "linear"
     mm_use_im_start_end: bool = False
     mm_use_im_patch_token: bool = False
+    attn_implementation: Optional[str] = field(default=None, metadata={"help": "eager | sdpa | flash_attention_2"})
 
 
 @dataclass
@@ -54,6 +58,7 @@ class DataArguments:
     is_multimodal: bool = False
     image_folder: Optional[str] = None
     image_aspect_ratio: str = "square"
+    image_grid_pinpoints: Optional[str] = None  # LLaVA-NeXT's anyres; refused
     strict: bool = field(default=False, metadata={"help": "raise on the first bad sample instead of skipping it"})
 
 
@@ -72,7 +77,69 @@ class TrainingArguments(transformers.TrainingArguments):
     bits: int = 16
 
 
-LORA_TARGETS = r".*\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"  # the LLM only
+# Flags LLaVA-1.5's scripts pass that transformers 5 renamed: old name -> new name.
+RENAMED_FLAGS = {"--warmup_ratio": "--warmup_steps",  # a float in [0, 1) is a ratio there
+                 "--evaluation_strategy": "--eval_strategy"}
+MULTIMODAL_MODULES = ("mm_projector", "vision_tower", "vision_resampler")
+
+
+class ArgumentError(ValueError):
+    """A training flag that cannot be honoured; the message names it."""
+
+
+def translate_legacy_flags(argv, cuda: Optional[bool] = None):
+    """Rewrite LLaVA-1.5-era flags for transformers 5 and for a machine without CUDA, saying what changed.
+
+    - renamed flags (RENAMED_FLAGS) are renamed;
+    - without CUDA: `--tf32` (a CUDA matmul mode) is dropped, and `--use_cpu True` is added, which
+      transformers needs for `--bf16` on CPU. The very same GPU launchers thus run on CPU stand-ins.
+    """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    out, notes, i = [], [], 0
+    argv = list(argv)
+    while i < len(argv):
+        flag, value, joined = argv[i], None, False
+        if flag.startswith("--") and "=" in flag:
+            flag, value = flag.split("=", 1)
+            joined = True
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+        step = 1 if joined or value is None else 2
+        if flag == "--warmup_ratio" and value is not None:
+            try:
+                ok = 0 <= float(value) < 1
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ArgumentError(f"--warmup_ratio {value}: expected a ratio in [0, 1)")
+        if flag in RENAMED_FLAGS:
+            notes.append(f"{flag} -> {RENAMED_FLAGS[flag]} (renamed in transformers 5)")
+            flag = RENAMED_FLAGS[flag]
+        if flag == "--tf32" and not cuda:
+            notes.append(f"--tf32 {value} dropped (a CUDA matmul mode; no CUDA here)")
+            i += step
+            continue
+        out += [flag] if value is None else [flag, value] if not joined else [f"{flag}={value}"]
+        i += step
+    if not cuda and not any(a == "--use_cpu" or a.startswith("--use_cpu=") for a in out):
+        out += ["--use_cpu", "True"]
+        notes.append("--use_cpu True added (no CUDA here)")
+    return out, notes
+
+
+def lora_target_modules(model) -> str:
+    """A regex over the LLM's own Linear layers (all of them but lm_head, as LLaVA's find_all_linear_names).
+
+    LLaVA passes bare leaf names (q_proj, ...), which peft also matches inside CLIP's encoder; here the
+    regex names full module paths, so the vision tower and the projector are never targeted.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and n != "lm_head" and not any(k in n for k in MULTIMODAL_MODULES)]
+    if not names:
+        raise ValueError("no Linear layers found in the LLM for LoRA")
+    # one pattern per layer kind: model.layers.7.self_attn.q_proj -> model\.layers\.\d+\.self_attn\.q_proj
+    kinds = dict.fromkeys(re.sub(r"\.\d+\.", ".N.", n) for n in names)
+    return "(?:" + "|".join(re.escape(k).replace(r"\.N\.", r"\.\d+\.") for k in kinds) + ")"
 
 
 class LLaVATrainer(Trainer):
@@ -128,16 +195,66 @@ def save_stage1(model, output_dir: str, rank0: bool):
         model.config.save_pretrained(output_dir)
 
 
+# peft's LoraConfig fields up to peft 0.6 (LLaVA's era): newer fields at their default values are left out
+# of adapter_config.json, since older peft rejects any field it does not know
+_OLD_PEFT_FIELDS = {"peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping",
+                    "r", "target_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "modules_to_save",
+                    "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern"}
+
+
+def _portable_adapter_config(path: str, lora_config):
+    from peft import LoraConfig
+    default = LoraConfig(task_type=lora_config.task_type).to_dict()
+    cfg = json.load(open(path))
+    # a newer field set away from its default is kept: older peft then fails loudly, as it should
+    keep = {k: v for k, v in cfg.items() if k in _OLD_PEFT_FIELDS or json.dumps(v) != json.dumps(default.get(k))}
+    for k in ("rank_pattern", "alpha_pattern"):  # 0.6 fields; absent before, so drop when empty
+        if not keep.get(k):
+            keep.pop(k, None)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(keep, f, indent=2)
+    os.replace(tmp, path)
+
+
 def save_lora(model, output_dir: str, rank0: bool):
+    """LLaVA's LoRA folder: adapter_config.json + adapter weights, config.json, non_lora_trainables.bin.
+
+    non_lora_trainables keys are LLaVA's (`base_model.model.model.mm_projector.*`, the PeftModel's names);
+    a DRIP or open_clip tower travels there too, since no base checkpoint holds it. An HF CLIP tower
+    is loaded from its source, as LLaVA does. A safetensors copy sits beside the .bin.
+    """
     base = model.get_base_model()
-    extra = _gather((n, p) for n, p in base.named_parameters()
-                    if n.startswith(("model.mm_projector.", "model.vision_tower.")))
+    prefixes = ("model.mm_projector.",)
+    if base.config.mm_vision_tower_type != "hf_clip":
+        prefixes += ("model.vision_tower.",)
+    extra = _gather((f"base_model.model.{n}", p) for n, p in base.named_parameters() if n.startswith(prefixes))
     adapter = _gather((n, p) for n, p in model.named_parameters() if "lora_" in n)
     if rank0:
         os.makedirs(output_dir, exist_ok=True)
         base.config.save_pretrained(output_dir)
         model.save_pretrained(output_dir, state_dict=adapter)
+        _portable_adapter_config(os.path.join(output_dir, "adapter_config.json"), model.peft_config["default"])
+        atomic_save_tensors(extra, os.path.join(output_dir, "non_lora_trainables.bin"), torch_format=True)
         atomic_save_tensors(extra, os.path.join(output_dir, "non_lora_trainables.safetensors"))
+
+
+def save_tokenizer(tokenizer, output_dir: str):
+    """save_pretrained, plus the sentencepiece `tokenizer.model` LLaVA's slow-tokenizer loading needs."""
+    tokenizer.save_pretrained(output_dir)
+    src = getattr(tokenizer, "vocab_file", None)
+    dst = os.path.join(output_dir, "tokenizer.model")
+    if src and str(src).endswith(".model") and os.path.isfile(src) and not os.path.exists(dst):
+        shutil.copyfile(src, dst + ".tmp")
+        os.replace(dst + ".tmp", dst)
+
+
+def _template_name(version: str) -> str:
+    """LLaVA's train.py keeps its default template (vicuna_v1) for --version v0 / v0.5."""
+    if version in ("v0", "v0.5"):
+        _logger.info("--version %s trains with the vicuna_v1 template, as LLaVA's train.py does", version)
+        return "vicuna_v1"
+    return version
 
 
 def _rank0() -> bool:
@@ -152,7 +269,8 @@ def build_model(model_args, training_args):
     else:
         d = {k: v for k, v in base_cfg.to_dict().items() if k not in ("model_type", "transformers_version", "architectures")}
         cfg = LlavaConfig(**d)
-    model = LlavaLlamaForCausalLM.from_pretrained(model_args.model_name_or_path, config=cfg, torch_dtype=dtype)
+    extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    model = LlavaLlamaForCausalLM.from_pretrained(model_args.model_name_or_path, config=cfg, torch_dtype=dtype, **extra)
     model.config.use_cache = False
     if model_args.vision_tower:
         if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
@@ -160,6 +278,10 @@ def build_model(model_args, training_args):
         model.get_model().initialize_vision_modules(model_args)
         model.get_vision_tower().to(dtype=dtype)
     model.config.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter
+    model.config.freeze_mm_mlp_adapter = training_args.freeze_mm_mlp_adapter
+    model.config.mm_projector_lr = training_args.mm_projector_lr
+    model.config.mm_use_im_start_end = model_args.mm_use_im_start_end
+    model.config.mm_use_im_patch_token = model_args.mm_use_im_patch_token
     model.config.tokenizer_model_max_length = training_args.model_max_length
     if model_args.freeze_backbone:
         model.get_model().requires_grad_(False)
@@ -174,9 +296,11 @@ def build_model(model_args, training_args):
         model.enable_input_require_grads()
     if training_args.lora_enable:
         from peft import LoraConfig, get_peft_model
-        lora = LoraConfig(r=training_args.lora_r, lora_alpha=training_args.lora_alpha, target_modules=LORA_TARGETS,
+        lora = LoraConfig(r=training_args.lora_r, lora_alpha=training_args.lora_alpha,
+                          target_modules=lora_target_modules(model),
                           lora_dropout=training_args.lora_dropout, bias=training_args.lora_bias, task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
+        # adapters in the model dtype, as LLaVA had them: ZeRO-3 flattens all trainable tensors into one dtype
+        model = get_peft_model(model, lora, autocast_adapter_dtype=False)
         if model_args.vision_tower and not training_args.freeze_mm_mlp_adapter:
             model.get_base_model().get_model().mm_projector.requires_grad_(True)
     return model
@@ -185,7 +309,12 @@ def build_model(model_args, training_args):
 def compute_modality_lengths(dataset, tower, batch_size: int = 64):
     """Text length plus each image's real visual-token count (DRIP varies per image)."""
     counts = {}
-    with torch.no_grad():
+    params = [p for p in tower.parameters() if hasattr(p, "ds_id")]
+    gather = contextlib.nullcontext()
+    if params:  # ZeRO-3 partitioned the tower (an HF CLIP from_pretrained): whole weights for this pass
+        import deepspeed
+        gather = deepspeed.zero.GatheredParameters(params)
+    with torch.no_grad(), gather:
         images = [r["image"] for r in dataset.records if "image" in r]
         for k in range(0, len(images), batch_size):
             names = images[k:k + batch_size]
@@ -196,11 +325,32 @@ def compute_modality_lengths(dataset, tower, batch_size: int = 64):
     return [t + counts[r["image"]] if "image" in r else -t for r, t in zip(dataset.records, text)], counts
 
 
-def train(argv=None):
+def parse_args(argv=None):
+    """LLaVA's three argument dataclasses, after translate_legacy_flags; bad flags raise ArgumentError."""
+    argv, notes = translate_legacy_flags(sys.argv[1:] if argv is None else argv)
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # unknown flags, or a value TrainingArguments refuses
+        raise ArgumentError(str(e)) from e
+    if training_args.bits in (4, 8):
+        raise ArgumentError(f"--bits {training_args.bits}: 4/8-bit (QLoRA) training needs bitsandbytes on CUDA, "
+                            "which this project does not support yet; use --bits 16 (with --lora_enable for LoRA)")
+    if training_args.bits not in (16, 32):
+        raise ArgumentError(f"--bits {training_args.bits}: expected 16 (or 4/8, not supported)")
+    if data_args.image_grid_pinpoints is not None or data_args.image_aspect_ratio == "anyres":
+        raise ArgumentError("--image_grid_pinpoints / --image_aspect_ratio anyres (LLaVA-NeXT) are not supported")
+    return model_args, data_args, training_args, notes
+
+
+def train(argv=None, attn_implementation: Optional[str] = None):
+    model_args, data_args, training_args, notes = parse_args(argv)
+    if model_args.attn_implementation is None:
+        model_args.attn_implementation = attn_implementation
     logging.basicConfig(level=logging.INFO if _rank0() else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for note in notes:
+        _logger.info("flag translated: %s", note)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_args.model_name_or_path,
                                                            model_max_length=training_args.model_max_length)
     if tokenizer.pad_token is None:
@@ -216,14 +366,14 @@ def train(argv=None):
     tower = core.get_vision_tower() if model_args.vision_tower else None
     if tower is not None:
         core.config.image_aspect_ratio = data_args.image_aspect_ratio
-    conv = get_conv_template(model_args.version)
+    conv = get_conv_template(_template_name(model_args.version))
     bad_dir = os.path.join(training_args.output_dir, "bad_samples")
     bad_log = BadSampleLog(bad_dir, strict=data_args.strict)
     dataset = LazySupervisedDataset(
         data_args.data_path, tokenizer, conv, data_args.image_folder,
         image_processor=tower.image_processor if tower is not None else None,
         image_aspect_ratio=data_args.image_aspect_ratio, model_max_length=training_args.model_max_length,
-        max_image_tokens=tower.num_patches if tower is not None else 0, bad_log=bad_log)
+        bad_log=bad_log)
     image_shape = None
     if tower is not None:
         crop = tower.image_processor.crop_size
@@ -253,7 +403,7 @@ def train(argv=None):
     else:
         trainer.save_model(training_args.output_dir)
     if rank0:
-        tokenizer.save_pretrained(training_args.output_dir)
+        save_tokenizer(tokenizer, training_args.output_dir)
         record = {"model_name_or_path": model_args.model_name_or_path, "model_args": asdict(model_args),
                   "data_path": data_args.data_path}
         with open(os.path.join(training_args.output_dir, "llava_drip_train.json"), "w") as f:
@@ -276,8 +426,12 @@ def train(argv=None):
     return trainer
 
 
-def main(argv=None):
-    train(argv)
+def main(argv=None, attn_implementation: Optional[str] = None):
+    try:
+        train(argv, attn_implementation)
+    except ArgumentError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     # multi-rank CPU runs can abort in gloo teardown at interpreter exit after finishing: end cleanly
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -24,6 +24,14 @@ class LlavaConfig(LlamaConfig):
     tokenizer_padding_side: str = "right"
     tune_mm_mlp_adapter: bool = False
     mm_use_im_start_end: bool = False
+    # LLaVA's own fields, saved so LLaVA's builder reads our folders as it reads its own
+    # (mm_use_im_patch_token defaults to True there: missing, it grows the vocabulary on load)
+    mm_use_im_patch_token: bool = False
+    use_mm_proj: bool = True
+    mm_patch_merge_type: str = "flat"
+    freeze_mm_mlp_adapter: bool = False
+    image_grid_pinpoints: Optional[str] = None
+    mm_projector_lr: Optional[float] = None
 
 
 class LlavaLlamaModel(LlavaMetaModel, LlamaModel):

@@ -1,11 +1,14 @@
 """Pick the vision tower from the config's explicit `mm_vision_tower_type` (never from name substrings)."""
 import os
+import re
 
 TOWER_TYPES = ("drip", "open_clip", "hf_clip")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as in LLaVA-1.5's openai/clip-vit-large-patch14-336
 
 
 def resolve_tower_type(name: str, tower_type: str = "auto") -> str:
-    """'auto' resolves a registered model name to drip/open_clip and a folder with config.json to hf_clip."""
+    """'auto' resolves a registered model name to drip/open_clip, and a folder with config.json or an HF hub
+    id (owner/name, fetched by transformers when a hub is reachable) to hf_clip."""
     if tower_type != "auto":
         if tower_type not in TOWER_TYPES:
             raise ValueError(f"unknown vision tower type {tower_type!r}; expected one of {TOWER_TYPES} or 'auto'")
@@ -16,8 +19,10 @@ def resolve_tower_type(name: str, tower_type: str = "auto") -> str:
         return "drip" if is_drip(name) else "open_clip"
     if os.path.isfile(os.path.join(name, "config.json")):
         return "hf_clip"
-    raise ValueError(f"cannot resolve vision tower {name!r}: not a registered model name "
-                     f"and not a folder with an HF config.json; set --vision_tower_type")
+    if not os.path.exists(name) and _HUB_ID.fullmatch(name):
+        return "hf_clip"
+    raise ValueError(f"cannot resolve vision tower {name!r}: not a registered model name, not a folder with an "
+                     f"HF config.json and not a hub id (owner/name); set --vision_tower_type")
 
 
 def build_vision_tower(config, load_weights: bool = True):
