@@ -13,6 +13,7 @@ COMMANDS = {
     "tiny-llm": ("llava_drip.train.tiny:main", "build a tiny Llama + sentencepiece tokenizer for CPU runs"),
     "clip-train": ("llava_drip.clip.train:main", "contrastive pretraining on open_clip_train's own loop"),
     "zeroshot": ("llava_drip.clip.zeroshot:main", "zero-shot top-1/top-5 on an ImageFolder"),
+    "calibrate": ("llava_drip.clip.calibrate:main", "fit a DRIP tower's calibrated boundaries on held-out images"),
     "classify": ("llava_drip.classify.train:main", "linear probe or finetune on an ImageFolder"),
     "flops": ("llava_drip.inspect.flops:main", "GFLOPs per image (fvcore, attention counted)"),
     "tokens": ("llava_drip.inspect.tokens:main", "visual tokens per image and boundary maps"),

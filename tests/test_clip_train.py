@@ -89,6 +89,12 @@ def test_one_epoch_learns_and_checkpoints(one_epoch):
     zs = json.loads((one_epoch / "checkpoints" / "results.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= zs["imagenet-zeroshot-val-top1"] <= zs["imagenet-zeroshot-val-top5"] <= 1.0
 
+    # the run ends by calibrating the final checkpoint on the held-out zero-shot images
+    cal = json.loads((one_epoch / "calibration.json").read_text())
+    assert cal["checkpoint"] == str(ckpt) and cal["calibration"]["images"] == 18
+    assert cal["calibration"]["mean_ratio"] == pytest.approx(0.25, abs=0.02)
+    assert model.visual.is_calibrated and float(model.visual.calib_target) == pytest.approx(0.25)
+
 
 def test_zeroshot_cli(one_epoch, synth, capsys):
     ckpt = one_epoch / "checkpoints" / "epoch_1.pt"
@@ -128,7 +134,7 @@ def test_resume_continues_schedule_exactly(synth, tmp_path):
             assert y[key] == pytest.approx(x[key], abs=1e-6), (x["step"], key)
     sd_a = torch.load(tmp_path / "straight" / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
     sd_b = torch.load(tmp_path / "split" / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
-    assert all(torch.allclose(sd_a[k], sd_b[k], atol=1e-6) for k in sd_a)
+    assert all(torch.allclose(sd_a[k], sd_b[k], atol=1e-6, equal_nan=True) for k in sd_a)  # uncalibrated: NaN
 
     # a resume that changes the schedule is refused, then accepted with --force-schedule-change
     longer = _base(synth, tmp_path, "split", epochs=3, **small) + ["--resume", "latest"]
@@ -165,11 +171,12 @@ def test_nonfinite_step_is_skipped_and_counted():
     moments = {id(p): s["exp_avg"].clone() for p, s in opt.state.items()}
     step(True)
     assert monitor.total_skips == 1 and monitor.consecutive_skips == 1
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no update, no weight decay
+    same = lambda a, b: torch.equal(a.nan_to_num(), b.nan_to_num())  # the calibration buffer is NaN until calibrated
+    assert all(same(before[k], v) for k, v in model.state_dict().items())  # no update, no weight decay
     assert all(torch.equal(moments[id(p)], s["exp_avg"]) for p, s in opt.state.items())
     step(False)
     assert monitor.consecutive_skips == 0 and monitor.total_skips == 1
-    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not all(same(before[k], v) for k, v in model.state_dict().items())
     step(True)
     with pytest.raises(NonFiniteLossError, match="2 consecutive steps had a non-finite loss"):
         step(True)

@@ -284,7 +284,8 @@ def test_init_from_vit_matches_pre_pooling_activations():
     drip = create_model("DRIP-4x-tiny").eval()
     report = init_from_vit(drip, vit)
     assert report["unused"] == []
-    assert {k.split(".")[1] for k in report["new"]} == {"boundary_predictor", "ln_short"}
+    # new: the predictor, ln_short and the (uncalibrated) calibration buffers
+    assert {k.split(".")[1] for k in report["new"]} == {"boundary_predictor", "ln_short", "calib_quantiles", "calib_target"}
     assert "visual.pre_blocks.1.attn.in_proj_weight" in report["mapped"]
     assert "visual.post_blocks.3.mlp.c_proj.weight" in report["mapped"]
     captured = {}

@@ -187,3 +187,39 @@ def test_stage2_resumes_from_checkpoint(work, tmp_path):
     assert set(got) == {1, 2, 3, 4}
     for step in (3, 4):  # trained after the resume
         assert got[step] == pytest.approx(ref[step], rel=1e-4)
+
+
+def test_budgets_in_training_and_generate(work, tmp_path):
+    """--drip_train_budgets: each image sample draws one; --drip_budget is saved; generate takes any budget."""
+    from llava_drip.model.builder import load_pretrained_model
+    from llava_drip.train.train import train
+    out = tmp_path / "budgets"
+    trainer = train([*_common(work, out), "--version", "v1", "--data_path", str(work / "data" / "finetune.json"),
+                     "--image_aspect_ratio", "pad", "--max_steps", "2", "--per_device_train_batch_size", "4",
+                     "--learning_rate", "1e-3", "--drip_train_budgets", "1.0,0.25,0.1", "--drip_budget", "0.5"])
+    ds = trainer.train_dataset
+    drawn = [ds[i].get("budget") for i in range(len(ds)) if "image" in ds.records[i]]
+    assert set(drawn) == {"1", "0.25", "0.1"}  # every listed budget is drawn (str(Budget) form)
+    batch = trainer.data_collator([ds[i] for i in range(4)])
+    assert len(batch["budgets"]) == 4
+    with torch.no_grad():
+        embeds, *_ = trainer.model.prepare_inputs_labels_for_multimodal(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"], budget=batch["budgets"])
+    assert embeds.shape[0] == 4
+    assert json.load(open(out / "config.json"))["mm_drip_budget"] == "0.5"
+
+    tok, model, proc, _ = load_pretrained_model(str(out))
+    assert model.get_vision_tower().budget is not None and str(model.get_vision_tower().budget) == "0.5"
+    ids = tokenizer_image_token("<image>\nWhat shape is shown?", tok, return_tensors="pt")[None]
+    images = process_images([Image.open(sorted((work / "data" / "images").glob("*.png"))[0])], proc, model.config)
+    n = model.get_vision_tower().num_patches
+    lengths = {}
+    for budget in (None, 0.1, 1.0, 5):
+        emb, mask, _, _ = model.prepare_inputs_labels_for_multimodal(ids, None, None, images, budget=budget)
+        lengths[budget] = int(mask.sum()) - (ids.shape[1] - 1)  # visual tokens spliced in for the sentinel
+    assert lengths == {None: round(0.5 * n), 0.1: round(0.1 * n), 1.0: n, 5: 5}
+    out_ids = model.generate(ids, images=images, budget=0.1, max_new_tokens=3, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    assert out_ids.shape[0] == 1
+    with pytest.raises(ValueError, match="budget"):
+        model.generate(ids, images=images, budget="2.0", max_new_tokens=3)

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drip-loss-weight", type=float, default=1.0,
                    help="weight of the boundary (binomial prior) loss added to the contrastive loss (default 1.0)")
     p.add_argument("--drip-eval-mode", choices=EVAL_MODES, default=None,
-                   help="boundaries at eval time (zero-shot): threshold, topk or sample; default: the model config's")
+                   help="boundaries at eval time (zero-shot): calibrated (falls back to threshold until the run's "
+                   "end calibrates the checkpoint), threshold, topk or sample; default: the model config's")
     p.add_argument("--force-schedule-change", action="store_true",
                    help="allow --resume with different lr/warmup/epochs/samples/batch size/world size")
     p.add_argument("--max-skipped-steps", type=int, default=10,
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "order); default: ImageNet's 1000")
     p.add_argument("--zeroshot-templates", default=None,
                    help="prompt templates with {} for the in-training zero-shot; default: OpenAI's ImageNet templates")
+    p.add_argument("--drip-calibration-data", nargs="+", default=None, metavar="IMAGES",
+                   help="held-out images (files, folders or an open_clip CSV) on which the final checkpoint's "
+                   "'calibrated' boundaries are fitted; default: --imagenet-val, else --val-data")
+    p.add_argument("--drip-calibration-target", type=float, default=None,
+                   help="mean visual tokens per patch the calibration aims at (default: the model's prior p)")
     p.add_argument("--no-csv-check", action="store_true",
                    help="skip the up-front image check of CSV rows (open_clip_train's behaviour: a bad row crashes)")
     return p
@@ -297,6 +303,36 @@ class _Run:
                             + (" ..." if len(bad) > 20 else ""))
 
 
+def final_checkpoints(log_dir: str) -> List[str]:
+    """The newest epoch_N.pt and epoch_latest.pt of a run (what resume and users pick up)."""
+    folder = Path(log_dir) / "checkpoints"
+    numbered = sorted((p for p in folder.glob("epoch_*.pt") if p.stem[len("epoch_"):].isdigit()),
+                      key=lambda p: int(p.stem[len("epoch_"):]))
+    out = [str(numbered[-1])] if numbered else []
+    latest = folder / "epoch_latest.pt"
+    return out + ([str(latest)] if latest.is_file() else [])
+
+
+def calibrate_run(run: "_Run", opts, oc_args, model_name: str):
+    """Fit the final checkpoint's calibrated boundaries on held-out images (rank 0, after training)."""
+    from .calibrate import calibrate_checkpoint, format_distribution
+    images = opts.drip_calibration_data or ([oc_args.imagenet_val] if oc_args.imagenet_val else None) \
+        or ([oc_args.val_data] if oc_args.val_data else None)
+    ckpts = final_checkpoints(run.log_dir) if run.log_dir else []
+    if not ckpts:
+        _logger.warning("no checkpoint written (--save-frequency 0 or no --logs): nothing to calibrate")
+        return
+    if not images:
+        _logger.warning("no held-out images (--drip-calibration-data, --imagenet-val or --val-data): the checkpoint "
+                        "stays uncalibrated and 'calibrated' boundaries fall back to 'threshold'; "
+                        "run `llava-drip calibrate` later")
+        return
+    reports = [calibrate_checkpoint(model_name, c, images, opts.drip_calibration_target) for c in ckpts]
+    write_json(Path(run.log_dir) / "calibration.json", reports[0])
+    _logger.info("calibrated %s on %s\n%s", ", ".join(ckpts), " ".join(images),
+                 format_distribution(reports[0]["calibration"], "held-out images"))
+
+
 def _fail(msg: str):
     raise SystemExit(f"llava-drip clip-train: {msg}")
 
@@ -346,6 +382,8 @@ def main(argv=None) -> int:
             try:
                 result = oc_main.main(rest)
                 rc = 0 if result is None or result == 0 else 1
+                if rc == 0 and _is_drip_name(oc_args.model) and (run.args is None or is_master(run.args)):
+                    calibrate_run(run, opts, oc_args, oc_args.model)
             except _StopRun as e:
                 _logger.info(f"--stop-after-epoch {opts.stop_after_epoch}: stopping before epoch {e.args[0]}; "
                              "continue with the same flags and --resume latest")

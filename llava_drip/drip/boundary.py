@@ -10,7 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EVAL_MODES = ("threshold", "topk", "sample")
+# calibrated: the cut on the logits whose mean count over held-out images is the tower's calibration
+# target (budget.py); threshold: each token's mode (logit > 0); topk: round(p N) per image; sample: seeded
+EVAL_MODES = ("calibrated", "threshold", "topk", "sample")
 
 
 class BoundaryPredictor(nn.Module):
@@ -83,6 +85,8 @@ def deterministic_boundaries(
         return hard
     if mode == "sample":
         return sample_boundaries(probs, temperature, generator).detach()
+    if mode == "calibrated":
+        raise ValueError("'calibrated' boundaries need the tower's calibration (DRIPVisionTransformer handles it)")
     raise ValueError(f"unknown eval_mode {mode!r}; expected one of {EVAL_MODES}")
 
 

@@ -22,12 +22,17 @@ from typing import List, Optional
 
 import torch
 import torch.nn as nn
+import logging
+
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .boundary import (EVAL_MODES, BoundaryPredictor, binomial_prior_loss, check_prior,
                        deterministic_boundaries, sample_boundaries)
+from .budget import NUM_QUANTILES, Budget, as_budget_list, budget_boundaries, logit_quantiles
 from .pooling import PackedGroups, group_mean_pool, pack_groups
+
+_logger = logging.getLogger(__name__)
 
 POOL_TYPES = ("mean_incl_cls", "mean_excl_cls", "cls", "last")
 ATTN_IMPLS = ("padded", "packed", "auto")
@@ -124,7 +129,7 @@ class DRIPVisionTransformer(nn.Module):
         predictor_hidden_mult: int = 2,
         logit_clamp: float = 20.0,
         prob_clamp: float = 1e-4,
-        eval_mode: str = "threshold",
+        eval_mode: str = "calibrated",
         eval_seed: int = 0,
         pool_type: str = "mean_incl_cls",
         pad_mask: bool = True,
@@ -180,10 +185,67 @@ class DRIPVisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
         # FLOP simulation hook: when set, replaces predicted boundaries (the predictor still runs)
         self.boundary_override: Optional[torch.Tensor] = None
+        # calibration (budget.py): quantiles of the predictor's logits over held-out images, NaN until
+        # calibrated, and the mean tokens-per-patch that 'calibrated' eval boundaries aim at
+        self.register_buffer("calib_quantiles", torch.full((NUM_QUANTILES,), float("nan")))
+        self.register_buffer("calib_target", torch.tensor(float(prior)))
+        self._warned_uncalibrated = False
         # open_clip's transforms read these
         self.preprocess_cfg = {"size": image_size, "mode": "RGB", "mean": (0.48145466, 0.4578275, 0.40821073),
                                "std": (0.26862954, 0.26130258, 0.27577711), "interpolation": "bicubic",
                                "resize_mode": "shortest", "fill_color": 0}
+
+    # ---- calibration ------------------------------------------------------------------------------
+    @property
+    def is_calibrated(self) -> bool:
+        return bool(torch.isfinite(self.calib_quantiles).all())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # checkpoints from before calibration existed hold no calib_* buffers: keep them uncalibrated
+        names = [prefix + "calib_quantiles", prefix + "calib_target"]
+        if any(k.startswith(prefix) for k in state_dict) and not any(n in state_dict for n in names):
+            state_dict[names[0]] = torch.full_like(self.calib_quantiles, float("nan"))
+            state_dict[names[1]] = torch.tensor(float(self.prior))
+            _logger.info("DRIP checkpoint without calibration: 'calibrated' boundaries fall back to 'threshold' "
+                         "(logit > 0) until `llava-drip calibrate` is run")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @torch.no_grad()
+    def boundary_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The predictor's logits [B, N] for images (eval semantics: no sampling involved)."""
+        return self.boundary_predictor(self.forward_pre(images)[:, 1:])
+
+    @torch.no_grad()
+    def calibrate(self, image_batches, target: Optional[float] = None) -> dict:
+        """Fit the 'calibrated' cut on held-out images: store the quantiles of the predictor's logits and
+        the target mean tokens-per-patch (default: the prior p). Returns the counts it gives on them."""
+        was_training = self.training
+        self.eval()
+        logits = [self.boundary_logits(x) for x in image_batches]
+        self.calib_quantiles.copy_(logit_quantiles(logits).to(self.calib_quantiles))
+        if target is not None:
+            self.calib_target.fill_(Budget("mean", float(target)).value)
+        self.train(was_training)
+        counts = torch.cat([budget_boundaries(z, [self.default_budget] * z.shape[0], self.calib_quantiles).sum(1)
+                            for z in logits])
+        return {"target": float(self.calib_target), "images": int(counts.numel()), "counts": counts.long().tolist()}
+
+    @property
+    def default_budget(self) -> Optional[Budget]:
+        """The eval-mode rule as a budget ('calibrated' and 'topk'); None for 'threshold' / 'sample'."""
+        if self.eval_mode == "calibrated":
+            if self.is_calibrated:
+                return Budget("mean", float(self.calib_target))
+            if not self._warned_uncalibrated:
+                _logger.warning("DRIP tower is not calibrated: using 'threshold' boundaries (logit > 0); "
+                                "run `llava-drip calibrate` for counts that hit the target mean")
+                self._warned_uncalibrated = True
+            return None
+        if self.eval_mode == "topk":
+            return Budget("ratio", self.prior)
+        return None
 
     # ---- open_clip tower interface -------------------------------------------------------------
     def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False):
@@ -254,31 +316,50 @@ class DRIPVisionTransformer(nn.Module):
         """Pre-pooling activations [B, 1+N, D] (identical to an open_clip ViT's first blocks)."""
         return self._run_blocks(self.pre_blocks, self.embed(x))
 
-    def predict_boundaries(self, h: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def predict_boundaries(self, h: torch.Tensor, generator: Optional[torch.Generator] = None,
+                           budget=None) -> torch.Tensor:
+        """Hard boundaries [B, N]: sampled in training; in eval by `budget` (one spec or one per image,
+        see budget.py) or else the eval_mode."""
         z = self.boundary_predictor(h)
         if self.boundary_override is not None:
             # FLOP simulation / forced pattern: keeps the predictor in the traced graph
             return self.boundary_override.to(z.dtype).expand_as(z) + 0.0 * z
         probs = self.boundary_predictor.probs(z)
-        if self.training:
+        if self.training and budget is None:
             return sample_boundaries(probs, self.temperature, generator)
-        if self.eval_mode == "sample" and generator is None:
-            generator = torch.Generator(device=h.device).manual_seed(self.eval_seed)
-        return deterministic_boundaries(z, probs, self.eval_mode, self.prior, self.temperature, generator)
+        budgets = as_budget_list(budget, z.shape[0])
+        if budgets is None and self.eval_mode in ("calibrated", "topk"):
+            default = self.default_budget
+            budgets = None if default is None else [default] * z.shape[0]
+        if budgets is not None:
+            if any(b is None for b in budgets):
+                raise ValueError("a per-image budget list needs a budget for every image")
+            return budget_boundaries(z.detach(), budgets, self.calib_quantiles)
+        mode = "threshold" if self.eval_mode == "calibrated" else self.eval_mode
+        if mode == "sample" and generator is None:
+            # each image draws from its own stream seeded with eval_seed: its boundaries do not depend on
+            # its position in the batch or on its batch mates
+            rows = [deterministic_boundaries(z[i:i + 1], probs[i:i + 1], mode, self.prior, self.temperature,
+                                             torch.Generator(device=h.device).manual_seed(self.eval_seed))
+                    for i in range(z.shape[0])]
+            return torch.cat(rows)
+        return deterministic_boundaries(z, probs, mode, self.prior, self.temperature, generator)
 
     def forward_features(self, x: torch.Tensor, select_layer: int = -1,
-                         generator: Optional[torch.Generator] = None) -> DRIPFeatures:
+                         generator: Optional[torch.Generator] = None, budget=None) -> DRIPFeatures:
         """Run the tower up to `select_layer` of the post-pooling stack.
 
         select_layer -1: the last block's output after ln_post; -k (k >= 2) or 0..M: the raw output of
         that post-pooling state (0 = pooled tokens before any post block), like HF hidden_states.
+        budget: tokens to keep per image (budget.py: '0.25', 16, 'mean:0.25', or one per image);
+        None follows the eval_mode.
         """
         M = len(self.post_blocks)
         idx = select_layer if select_layer >= 0 else M + 1 + select_layer
         if not 0 <= idx <= M:
             raise ValueError(f"select_layer {select_layer} out of range for {M} post-pooling blocks")
         x = self.forward_pre(x)
-        b = self.predict_boundaries(x[:, 1:], generator)
+        b = self.predict_boundaries(x[:, 1:], generator, budget)
         x, layout = self.pool_groups(x, b)
         norm_short = self.ln_post if self.ln_short is None else self.ln_short
         if isinstance(layout, PackedGroups):
@@ -316,9 +397,14 @@ class DRIPVisionTransformer(nn.Module):
         return self.forward_with_aux(x)[0]
 
     @torch.no_grad()
-    def encode_tokens(self, images: torch.Tensor, select_layer: int = -1, drop_cls: bool = True) -> List[torch.Tensor]:
-        """The tokens LLaVA receives: one [G_b, D] tensor per image, padding (and CLS) removed."""
-        feats = self.forward_features(images, select_layer=select_layer)
+    def encode_tokens(self, images: torch.Tensor, select_layer: int = -1, drop_cls: bool = True,
+                      budget=None) -> List[torch.Tensor]:
+        """The tokens LLaVA receives: one [G_b, D] tensor per image, padding (and CLS) removed.
+
+        budget: '0.25' / 0.25 (exactly round(0.25 N) per image), 16 (exactly 16), 'mean:0.25' (the
+        calibrated cut: 0.25 N on average, image-dependent), a list with one per image, or None (eval_mode).
+        """
+        feats = self.forward_features(images, select_layer=select_layer, budget=budget)
         keep = feats.valid.clone()
         if drop_cls:
             keep[:, 0] = False

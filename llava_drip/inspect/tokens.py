@@ -145,7 +145,11 @@ class TokenCounter:
     """Loads a registered model once and reports per-image token counts and segment maps."""
 
     def __init__(self, model_name: str, checkpoint: Optional[str] = None, eval_mode: Optional[str] = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", budget=None):
+        from ..drip.budget import parse_budget
+        self.budget = parse_budget(budget)
+        if self.budget is not None and not is_drip(model_name):
+            raise ValueError(f"--budget applies to DRIP models; {model_name} is a plain ViT")
         kwargs = {}
         if eval_mode is not None:
             if not is_drip(model_name):
@@ -169,7 +173,7 @@ class TokenCounter:
         if not self.is_drip:
             return [{"visual_tokens": self.num_patches, "boundaries": None,
                      "segments": np.arange(self.num_patches)} for _ in range(x.shape[0])]
-        feats = self.tower.forward_features(x)
+        feats = self.tower.forward_features(x, budget=self.budget)
         groups = feats.num_groups.cpu()
         b = feats.boundaries.detach().float().cpu()
         sigma = (torch.cumsum(b, 1) - b).round().long()
@@ -198,7 +202,11 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default=None, help="weights for the model (safetensors or torch); "
                         "without one the weights are random and the boundaries mean nothing")
     parser.add_argument("--eval-mode", choices=EVAL_MODES, default=None,
-                        help="DRIP boundary rule in eval (default: the model's, 'threshold')")
+                        help="DRIP boundary rule in eval (default: the model's, 'calibrated'; an uncalibrated "
+                        "checkpoint falls back to 'threshold')")
+    parser.add_argument("--budget", default=None,
+                        help="DRIP tokens per image: 0.25 (exactly round(0.25 N)), 16 (exactly 16), mean:0.25 (the "
+                        "calibrated cut: 0.25 N on average, each image its own count); default: the eval mode")
     parser.add_argument("--viz", default=None, metavar="OUTDIR", help="write one boundary-map PNG per image here")
     parser.add_argument("--viz-size", type=int, default=448, help="side of the boundary-map PNG in pixels")
     parser.add_argument("--json", action="store_true", help="one JSON object per line (per image, errors included)")
@@ -217,7 +225,11 @@ def main(argv=None) -> int:
     if args.checkpoint is None:
         print(f"note: no --checkpoint, {args.model} has random weights; counts show the mechanics only",
               file=sys.stderr)
-    counter = TokenCounter(args.model, args.checkpoint, args.eval_mode, args.device)
+    try:
+        counter = TokenCounter(args.model, args.checkpoint, args.eval_mode, args.device, args.budget)
+    except ValueError as e:
+        print(f"llava-drip tokens: {e}", file=sys.stderr)
+        return 2
     outdir = Path(args.viz) if args.viz else None
     if outdir:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +238,7 @@ def main(argv=None) -> int:
     bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=args.no_progress or not any_dir,
                desc=f"tokens {args.model}")
     used_names: set = set()
-    n_ok, errors, total_out = 0, [], 0
+    n_ok, errors, counts = 0, [], []
 
     def emit(obj: dict, text: str):
         if args.json:
@@ -253,7 +265,8 @@ def main(argv=None) -> int:
         for (path, img, info, pixels), res in zip(loaded, results):
             n, g = counter.num_patches, res["visual_tokens"]
             row = {"path": str(path), "model": args.model, **info, "patch_tokens": n, "visual_tokens": g,
-                   "ratio": g / n, "boundaries": res["boundaries"], "viz": None}
+                   "ratio": g / n, "boundaries": res["boundaries"], "budget": str(counter.budget) if counter.budget
+                   else None, "viz": None}
             if outdir:
                 crop = denormalise(pixels, counter.mean, counter.std)
                 label = f"{args.model}: {g} / {n} tokens"
@@ -264,11 +277,16 @@ def main(argv=None) -> int:
             emit(row, f"{str(path):<48} {info['width']}x{info['height']} {info['mode']:<5} "
                       f"{n:>4} -> {g:>4} tokens  ratio {g / n:.3f}" + (f"  {row['viz']}" if row["viz"] else ""))
             n_ok += 1
-            total_out += g
+            counts.append(g)
             bar.update(1)
     bar.close()
-    summary = (f"{n_ok} image(s): mean {total_out / max(n_ok, 1):.1f} visual tokens of {counter.num_patches} "
-               f"patches; {len(errors)} unreadable" + (f" ({', '.join(errors)})" if errors else "")
+    if counts:
+        from ..clip.calibrate import count_distribution
+        d = count_distribution(counts, counter.num_patches)
+        spread = f" (std {d['std']:.1f}, min {d['min']}, max {d['max']})"
+    summary = (f"{n_ok} image(s): mean {sum(counts) / max(n_ok, 1):.1f} visual tokens of {counter.num_patches} "
+               f"patches" + (spread if counts else "") + f"; {len(errors)} unreadable"
+               + (f" ({', '.join(errors)})" if errors else "")
                + (f"; {skipped} non-image file(s) in folders skipped" if skipped else ""))
     print(summary, file=sys.stderr)
     return 1 if errors else 0

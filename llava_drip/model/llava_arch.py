@@ -37,6 +37,7 @@ class LlavaMetaModel:
         cfg.mm_vision_select_layer = model_args.mm_vision_select_layer
         cfg.mm_vision_select_feature = model_args.mm_vision_select_feature
         cfg.mm_drip_eval_mode = model_args.drip_eval_mode
+        cfg.mm_drip_budget = model_args.drip_budget
         cfg.mm_projector_type = model_args.mm_projector_type
         if cfg.mm_vision_tower_type != "hf_clip" and not model_args.vision_tower_pretrained:
             # an untrained DRIP / open_clip tower would train LLaVA on noise without a word
@@ -62,9 +63,12 @@ class LlavaMetaForCausalLM:
     def get_vision_tower(self):
         return self.get_model().get_vision_tower()
 
-    def encode_images(self, images: torch.Tensor) -> List[torch.Tensor]:
-        """[B, 3, H, W] -> list of B tensors [G_b, hidden], projected in one packed call."""
-        feats = self.get_vision_tower()(images)
+    def encode_images(self, images: torch.Tensor, budget=None) -> List[torch.Tensor]:
+        """[B, 3, H, W] -> list of B tensors [G_b, hidden], projected in one packed call.
+
+        budget: DRIP tokens per image, one spec or one per image (llava_drip.drip.budget)."""
+        tower = self.get_vision_tower()
+        feats = tower(images) if budget is None else tower(images, budget=budget)
         lengths = [f.shape[0] for f in feats]
         proj = self.get_model().mm_projector
         dtype = next(proj.parameters()).dtype if any(True for _ in proj.parameters()) else feats[0].dtype
@@ -72,7 +76,7 @@ class LlavaMetaForCausalLM:
         return list(packed.split(lengths, dim=0))
 
     def prepare_inputs_labels_for_multimodal(self, input_ids, attention_mask, labels, images,
-                                             padding_side: str = "right"):
+                                             padding_side: str = "right", budget=None):
         """Splice visual tokens into the embeddings. Returns (inputs_embeds, attention_mask, position_ids, labels).
 
         `images` holds one image per sample (text-only samples in a mixed batch carry a dummy image
@@ -87,7 +91,7 @@ class LlavaMetaForCausalLM:
         if images is not None:
             if images.shape[0] != B:
                 raise ValueError(f"got {images.shape[0]} images for a batch of {B} prompts: one image per sample")
-            image_feats = self.encode_images(images)
+            image_feats = self.encode_images(images, budget)
         embeds, new_labels = [], []
         for i in range(B):
             ids = input_ids[i][attention_mask[i]]

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import random
-import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -285,18 +284,18 @@ class LazySupervisedDataset(Dataset):
     Args:
         conv: the template (`get_conv_template(version)`); it picks LLaVA's prompt and label rule.
         model_max_length: text-only records are truncated to it here, image records by the collator.
-        max_image_tokens: unused (deprecated): LLaVA truncates after splicing the visual tokens.
         mm_use_im_start_end: wrap '<image>' in '<im_start>' / '<im_end>' as LLaVA does.
+        train_budgets: DRIP token budgets (budget.py specs); each image sample draws one per fetch, so one
+            model learns to answer from any of them. None: the tower's default for every sample.
+        seed: seeds those draws (a sample's k-th fetch always draws the same budget).
     """
 
     def __init__(self, data_path: str, tokenizer, conv: Conversation, image_folder: Optional[str],
                  image_processor=None, image_aspect_ratio: str = "square", model_max_length: int = 2048,
-                 max_image_tokens: int = 0, bad_log: Optional[BadSampleLog] = None,
-                 mm_use_im_start_end: bool = False):
-        if max_image_tokens:
-            warnings.warn("LazySupervisedDataset(max_image_tokens=...) is ignored: text is no longer shortened "
-                          "to leave room for visual tokens (LLaVA truncates after splicing)", DeprecationWarning,
-                          stacklevel=2)
+                 bad_log: Optional[BadSampleLog] = None, mm_use_im_start_end: bool = False,
+                 train_budgets: Optional[Sequence[str]] = None, seed: int = 0):
+        self.train_budgets = list(train_budgets) if train_budgets else None
+        self.seed, self._fetches = seed, {}
         try:
             with open(data_path) as f:
                 records = json.load(f)
@@ -383,9 +382,14 @@ class LazySupervisedDataset(Dataset):
         for attempt in range(len(self.records)):
             rec = self.records[(i + attempt) % len(self.records)]
             try:
-                return self._build(rec)
+                item = self._build(rec)
             except BadSample as e:
                 self.bad.add(rec.get("id", f"#{(i + attempt) % len(self.records)}"), str(e), "getitem")
+                continue
+            if self.train_budgets and "image" in item:
+                k = self._fetches[i] = self._fetches.get(i, -1) + 1
+                item["budget"] = random.Random(self.seed * 1_000_003 + i * 7_919 + k).choice(self.train_budgets)
+            return item
         raise RuntimeError("every record in the dataset failed to load; see the bad-sample log")
 
 
@@ -410,6 +414,9 @@ class DataCollatorForSupervisedDataset:
             # text-only samples get a zero image used with zero length (same modules on every rank)
             batch["images"] = torch.stack([x["image"] if "image" in x else torch.zeros(self.image_shape)
                                            for x in instances])
+            drawn = [x["budget"] for x in instances if "budget" in x]
+            if drawn:  # text-only rows' zero image is used with zero length: any budget will do
+                batch["budgets"] = [x.get("budget", drawn[0]) for x in instances]
         return batch
 
 

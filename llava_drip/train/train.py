@@ -43,7 +43,14 @@ class ModelArguments:
     vision_tower_pretrained: Optional[str] = field(default=None, metadata={"help": "clip-train checkpoint for the tower"})
     mm_vision_select_layer: int = -1
     mm_vision_select_feature: str = "patch"
-    drip_eval_mode: str = field(default="threshold", metadata={"help": "DRIP boundaries for LLaVA: threshold | topk | sample"})
+    drip_eval_mode: str = field(default="calibrated", metadata={
+        "help": "DRIP boundaries for LLaVA: calibrated (the tower's calibrated cut; threshold if uncalibrated) | "
+                "threshold | topk | sample"})
+    drip_budget: Optional[str] = field(default=None, metadata={
+        "help": "default DRIP tokens per image, saved in the config: 0.25 (ratio), 16 (count), mean:0.25"})
+    drip_train_budgets: Optional[str] = field(default=None, metadata={
+        "help": "comma-separated budgets; each image sample draws one, so one model serves any budget "
+                "(e.g. 1.0,0.5,0.25,0.1 or mean:0.25,mean:0.1)"})
     pretrain_mm_mlp_adapter: Optional[str] = field(default=None, metadata={"help": "stage-1 mm_projector.bin"})
     mm_projector_type: str = "linear"
     mm_use_im_start_end: bool = False
@@ -229,6 +236,9 @@ def save_lora(model, output_dir: str, rank0: bool):
     if base.config.mm_vision_tower_type != "hf_clip":
         prefixes += ("model.vision_tower.",)
     extra = _gather((f"base_model.model.{n}", p) for n, p in base.named_parameters() if n.startswith(prefixes))
+    persistent = set(base.state_dict(keep_vars=True))  # buffers too: the DRIP tower's calibration travels
+    extra.update({f"base_model.model.{n}": b.detach().cpu().clone() for n, b in base.named_buffers()
+                  if n.startswith(prefixes) and n in persistent})
     adapter = _gather((n, p) for n, p in model.named_parameters() if "lora_" in n)
     if rank0:
         os.makedirs(output_dir, exist_ok=True)
@@ -247,6 +257,23 @@ def save_tokenizer(tokenizer, output_dir: str):
     if src and str(src).endswith(".model") and os.path.isfile(src) and not os.path.exists(dst):
         shutil.copyfile(src, dst + ".tmp")
         os.replace(dst + ".tmp", dst)
+
+
+def _train_budgets(model_args, tower):
+    """--drip_train_budgets as a list of budget specs (checked now, not at the first step)."""
+    if not model_args.drip_train_budgets:
+        return None
+    from llava_drip.drip.budget import parse_budget
+    specs = [s.strip() for s in model_args.drip_train_budgets.split(",") if s.strip()]
+    try:
+        budgets = [parse_budget(s) for s in specs]
+    except ValueError as e:
+        raise ArgumentError(f"--drip_train_budgets {model_args.drip_train_budgets}: {e}") from e
+    if tower is None or not hasattr(tower.vision_tower, "calibrate"):
+        raise ArgumentError("--drip_train_budgets needs a DRIP vision tower")
+    if any(b.kind == "mean" for b in budgets) and not tower.vision_tower.is_calibrated:
+        raise ArgumentError("--drip_train_budgets with mean:R budgets needs a calibrated tower (llava-drip calibrate)")
+    return [str(b) for b in budgets]
 
 
 def _template_name(version: str) -> str:
@@ -338,6 +365,12 @@ def parse_args(argv=None):
                             "which this project does not support yet; use --bits 16 (with --lora_enable for LoRA)")
     if training_args.bits not in (16, 32):
         raise ArgumentError(f"--bits {training_args.bits}: expected 16 (or 4/8, not supported)")
+    if model_args.drip_budget is not None:
+        from llava_drip.drip.budget import parse_budget
+        try:
+            model_args.drip_budget = str(parse_budget(model_args.drip_budget))
+        except ValueError as e:
+            raise ArgumentError(f"--drip_budget: {e}") from e
     if data_args.image_grid_pinpoints is not None or data_args.image_aspect_ratio == "anyres":
         raise ArgumentError("--image_grid_pinpoints / --image_aspect_ratio anyres (LLaVA-NeXT) are not supported")
     return model_args, data_args, training_args, notes
@@ -367,13 +400,14 @@ def train(argv=None, attn_implementation: Optional[str] = None):
     if tower is not None:
         core.config.image_aspect_ratio = data_args.image_aspect_ratio
     conv = get_conv_template(_template_name(model_args.version))
+    train_budgets = _train_budgets(model_args, tower)
     bad_dir = os.path.join(training_args.output_dir, "bad_samples")
     bad_log = BadSampleLog(bad_dir, strict=data_args.strict)
     dataset = LazySupervisedDataset(
         data_args.data_path, tokenizer, conv, data_args.image_folder,
         image_processor=tower.image_processor if tower is not None else None,
         image_aspect_ratio=data_args.image_aspect_ratio, model_max_length=training_args.model_max_length,
-        bad_log=bad_log)
+        bad_log=bad_log, train_budgets=train_budgets, seed=training_args.seed)
     image_shape = None
     if tower is not None:
         crop = tower.image_processor.crop_size

@@ -16,7 +16,8 @@ class LlavaConfig(LlamaConfig):
     mm_vision_tower_pretrained: Optional[str] = None  # clip-train checkpoint the tower came from
     mm_vision_select_layer: int = -1
     mm_vision_select_feature: str = "patch"
-    mm_drip_eval_mode: str = "threshold"
+    mm_drip_eval_mode: str = "calibrated"  # calibrated | threshold | topk | sample (checkpoints before: threshold)
+    mm_drip_budget: Optional[str] = None  # default tokens per image: '0.25', '16', 'mean:0.25' (drip/budget.py)
     mm_hidden_size: Optional[int] = None
     mm_projector_type: str = "linear"
     image_aspect_ratio: str = "pad"
@@ -49,21 +50,24 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                labels=None, images=None, **kwargs):
+                labels=None, images=None, budgets=None, **kwargs):
         if inputs_embeds is None and images is not None:
             inputs_embeds, attention_mask, position_ids, labels = self.prepare_inputs_labels_for_multimodal(
-                input_ids, attention_mask, labels, images, padding_side="right")
+                input_ids, attention_mask, labels, images, padding_side="right", budget=budgets)
             input_ids = None
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                inputs_embeds=inputs_embeds, labels=labels, **kwargs)
 
     @torch.no_grad()
     def generate(self, inputs: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
-                 attention_mask: Optional[torch.Tensor] = None, input_ids: Optional[torch.Tensor] = None, **kwargs):
+                 attention_mask: Optional[torch.Tensor] = None, input_ids: Optional[torch.Tensor] = None,
+                 budget=None, **kwargs):
         """Greedy/sampled generation with the KV cache; returns only the new tokens.
 
         Prompts are re-padded on the left after splicing, so each row's positions start at 0
         whatever its batch mates' lengths (generate derives position ids from the mask).
+        budget: DRIP visual tokens per image ('0.25', 16, 'mean:0.25', or one per image); None: the
+        config's mm_drip_budget, else the tower's eval_mode.
         """
         if "inputs_embeds" in kwargs:
             raise ValueError("pass input_ids (with -200 placeholders) and images, not inputs_embeds")
@@ -71,7 +75,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         if inputs is None:
             raise ValueError("generate needs input_ids")
         embeds, mask, _, _ = self.prepare_inputs_labels_for_multimodal(
-            inputs, attention_mask, None, images, padding_side="left")
+            inputs, attention_mask, None, images, padding_side="left", budget=budget)
         return super().generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
 
 

@@ -33,7 +33,8 @@ def build_vision_tower(config, load_weights: bool = True):
     from .towers import DRIPVisionTower, HFCLIPVisionTower, OpenCLIPVisionTower
     if kind == "drip":
         return DRIPVisionTower(name, config.mm_vision_select_layer, config.mm_vision_select_feature,
-                               eval_mode=config.mm_drip_eval_mode, pretrained=pretrained)
+                               eval_mode=getattr(config, "mm_drip_eval_mode", "calibrated"), pretrained=pretrained,
+                               budget=getattr(config, "mm_drip_budget", None))
     if kind == "open_clip":
         return OpenCLIPVisionTower(name, config.mm_vision_select_layer, config.mm_vision_select_feature,
                                    pretrained=pretrained)

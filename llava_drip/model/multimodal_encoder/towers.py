@@ -60,6 +60,11 @@ class _FrozenTower(nn.Module):
         self.eval()
 
 
+def _no_budget(tower, budget):
+    if budget is not None and not (isinstance(budget, (list, tuple)) and all(b is None for b in budget)):
+        raise ValueError(f"a token budget needs a DRIP tower; {tower.name} keeps all {tower.num_patches} patches")
+
+
 def _visual_state_dict(path: str) -> dict:
     from llava_drip.drip.factory import load_state_dict
     sd = load_state_dict(path)
@@ -69,7 +74,7 @@ def _visual_state_dict(path: str) -> dict:
 
 class DRIPVisionTower(_FrozenTower):
     def __init__(self, name: str, select_layer: int = -1, select_feature: str = "patch",
-                 eval_mode: str = "threshold", pretrained: Optional[str] = None):
+                 eval_mode: str = "calibrated", pretrained: Optional[str] = None, budget=None):
         super().__init__()
         from llava_drip.drip.factory import get_model_config, is_drip
         from llava_drip.drip.model import build_drip_tower
@@ -77,7 +82,9 @@ class DRIPVisionTower(_FrozenTower):
         if not is_drip(name):
             raise ValueError(f"{name} is not a DRIP model")
         cfg = get_model_config(name)
+        from llava_drip.drip.budget import parse_budget
         self.name, self.select_layer, self.select_feature = name, select_layer, select_feature
+        self.budget = parse_budget(budget)  # default tokens per image (None: the eval_mode's rule)
         self._check_feature()
         self.vision_tower = build_drip_tower(cfg["embed_dim"], cfg["vision_cfg"], {**cfg["drip_cfg"], "eval_mode": eval_mode})
         if pretrained:
@@ -96,9 +103,11 @@ class DRIPVisionTower(_FrozenTower):
     def num_patches(self) -> int:
         return self.vision_tower.num_patches
 
-    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, images: torch.Tensor, budget=None) -> List[torch.Tensor]:
+        """budget: one spec or one per image (llava_drip.drip.budget); None: the tower's default."""
         return self.vision_tower.encode_tokens(images.to(self.dtype), select_layer=self.select_layer,
-                                               drop_cls=self.select_feature == "patch")
+                                               drop_cls=self.select_feature == "patch",
+                                               budget=self.budget if budget is None else budget)
 
 
 class OpenCLIPVisionTower(_FrozenTower):
@@ -129,7 +138,8 @@ class OpenCLIPVisionTower(_FrozenTower):
         return g[0] * g[1]
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, images: torch.Tensor, budget=None) -> List[torch.Tensor]:
+        _no_budget(self, budget)
         depth = len(self.vision_tower.transformer.resblocks)
         index = self.select_layer if self.select_layer >= 0 else depth + self.select_layer
         out = self.vision_tower.forward_intermediates(
@@ -164,7 +174,8 @@ class HFCLIPVisionTower(_FrozenTower):
         return (c.image_size // c.patch_size) ** 2
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, images: torch.Tensor, budget=None) -> List[torch.Tensor]:
+        _no_budget(self, budget)
         out = self.vision_tower(images.to(self.dtype), output_hidden_states=True)
         feats = out.hidden_states[self.select_layer]
         if self.select_feature == "patch":
