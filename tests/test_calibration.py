@@ -173,3 +173,10 @@ def test_counts_on_real_photos(shared_data, scenes, tower_ckpt, tmp_path):
     assert len(counts) >= 15 and not skipped
     d = calib.count_distribution(counts, N)
     assert d["distinct"] > 3 and 0 < d["min"] < d["max"] <= N
+
+
+def test_budget_text_round_trips_every_kind():
+    for b in (Budget("ratio", 1.0), Budget("ratio", 0.25), Budget("count", 1), Budget("count", 64),
+              Budget("mean", 1.0), Budget("mean", 0.1)):
+        assert parse_budget(str(b)) == b, str(b)
+    assert str(Budget("ratio", 1.0)) == "1.0" and str(Budget("count", 1)) == "1"

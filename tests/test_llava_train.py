@@ -199,7 +199,7 @@ def test_budgets_in_training_and_generate(work, tmp_path):
                      "--learning_rate", "1e-3", "--drip_train_budgets", "1.0,0.25,0.1", "--drip_budget", "0.5"])
     ds = trainer.train_dataset
     drawn = [ds[i].get("budget") for i in range(len(ds)) if "image" in ds.records[i]]
-    assert set(drawn) == {"1", "0.25", "0.1"}  # every listed budget is drawn (str(Budget) form)
+    assert set(drawn) == {"1.0", "0.25", "0.1"}  # every listed budget is drawn (str(Budget) form)
     batch = trainer.data_collator([ds[i] for i in range(4)])
     assert len(batch["budgets"]) == 4
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API: a real `llava-drip serve-api` process driven by the `openai` client."""
+"""The OpenAI-compatible API: a real `llava-drip serve-api` process driven by the `openai` client,
+plus the DRIP budget (`drip_budget` per request, `--budget` per server) in-process."""
 import base64
 import io
 import json
@@ -91,7 +92,7 @@ def test_chat_completion_with_image(client, image_url):
     u = r.usage
     assert 1 <= u.completion_tokens <= 16 and u.total_tokens == u.prompt_tokens + u.completion_tokens
     vt = r.model_extra["visual_tokens"]
-    assert 1 <= vt["out"] <= vt["in"] == 64
+    assert 1 <= vt["out"] <= vt["in"] == 64 and vt["budget"] is None  # the model's default
     assert u.prompt_tokens > vt["out"]
 
 
@@ -124,7 +125,7 @@ def test_text_only_and_multi_turn(client):
                 {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."},
                 {"role": "user", "content": [{"type": "text", "text": "What shapes do you know?"}]}]
     r = client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0, max_tokens=8)
-    assert r.model_extra["visual_tokens"] == {"in": 0, "out": 0}
+    assert r.model_extra["visual_tokens"] == {"in": 0, "out": 0, "budget": None}
     assert r.usage.completion_tokens >= 1
 
 
@@ -194,3 +195,75 @@ def test_no_key_configured_allows_requests(tiny_engine):
         assert http.get("/v1/models").json()["data"][0]["id"] == "m"
         missing = http.get("/v1/nothing-here")
         assert missing.status_code == 404 and "error" in missing.json()
+
+
+# ---- DRIP budgets -------------------------------------------------------------------------------------
+def _scene_url(index: int, background: str) -> str:
+    return _data_url(render(Scene("star", "blue", "large", "center", 3, background), rng_for(0, 1000, index), 96))
+
+
+@pytest.mark.parametrize("budget,out", [("0.25", 16), (0.5, 32), (8, 8), ("8", 8), ("1.0", 64), (1, 1)])
+def test_drip_budget_sets_the_kept_tokens(client, image_url, budget, out):
+    r = client.chat.completions.create(model=MODEL_ID, messages=_vision_message(image_url), temperature=0,
+                                       max_tokens=2, extra_body={"drip_budget": budget})
+    expected = {"0.25": "0.25", 0.5: "0.5", 8: "8", "8": "8", "1.0": "1.0", 1: "1"}[budget]
+    assert r.model_extra["visual_tokens"] == {"in": 64, "out": out, "budget": expected}
+
+
+def test_drip_budget_when_streaming(client, image_url):
+    kwargs = dict(model=MODEL_ID, messages=_vision_message(image_url), temperature=0, max_tokens=4,
+                  extra_body={"drip_budget": "mean:0.5"})
+    full = client.chat.completions.create(**kwargs).model_extra["visual_tokens"]
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert full["budget"] == "mean:0.5" and 1 <= full["out"] <= 64
+    assert finish[0].model_extra["visual_tokens"] == full == chunks[-1].model_extra["visual_tokens"]
+
+
+def test_counts_differ_between_images_at_the_default_and_at_a_mean(client):
+    urls = [_scene_url(0, "plain"), _scene_url(1, "stripes"), _data_url(Image.new("RGB", (96, 96), "white"))]
+    for budget in (None, "mean:0.25"):
+        extra = {} if budget is None else {"extra_body": {"drip_budget": budget}}
+        kept = [client.chat.completions.create(model=MODEL_ID, messages=_vision_message(u), temperature=0,
+                                               max_tokens=1, **extra).model_extra["visual_tokens"] for u in urls]
+        assert {vt["budget"] for vt in kept} == {budget}
+        assert len({vt["out"] for vt in kept}) > 1, (budget, kept)
+
+
+@pytest.mark.parametrize("budget,needle", [("abc", "invalid budget"), (2.5, "(0, 1]"), (0, "whole number"),
+                                           ("mean:0", "(0, 1]"), (True, "string or a number"),
+                                           ([0.25], "string or a number"), (65, "64 patches")])
+def test_bad_drip_budget_is_400_naming_the_field(client, image_url, budget, needle):
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL_ID, messages=_vision_message(image_url), stream=stream,
+                                           extra_body={"drip_budget": budget})
+        e = err.value.body
+        assert err.value.status_code == 400 and e["param"] == "drip_budget", e
+        assert e["message"].startswith("drip_budget") and needle in e["message"], e
+
+
+def test_startup_line_names_the_default_budget(server):
+    assert "DRIP budget model default (mean:0.25)" in "".join(server[1])
+
+
+def test_server_wide_budget(tiny_engine, image_url):
+    from fastapi.testclient import TestClient
+    from llava_drip.serve.api import create_app
+    body = {"messages": _vision_message(image_url), "max_tokens": 1, "temperature": 0}
+    with TestClient(create_app(tiny_engine, "m", budget="0.5")) as http:
+        assert http.post("/v1/chat/completions", json=body).json()["visual_tokens"] == \
+            {"in": 64, "out": 32, "budget": "0.5"}
+        for given, out, shown in ((8, 8, "8"), (None, 32, "0.5")):  # a request's drip_budget wins; null: the server's
+            r = http.post("/v1/chat/completions", json={**body, "drip_budget": given}).json()
+            assert r["visual_tokens"] == {"in": 64, "out": out, "budget": shown}
+    with pytest.raises(ValueError, match="64 patches"):
+        create_app(tiny_engine, "m", budget=100)
+
+
+@pytest.mark.parametrize("budget", ["abc", "1.5", "mean:"])
+def test_bad_budget_flag_fails_at_startup(budget, tmp_path, capsys):
+    from llava_drip import cli
+    assert cli.main(["serve-api", "--model-path", str(tmp_path / "no-model"), "--budget", budget]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llava-drip serve-api: --budget: "), err

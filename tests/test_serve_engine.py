@@ -1,4 +1,5 @@
-"""ChatEngine on the tiny model: answers with and without an image, token stats, multi-turn, streaming."""
+"""ChatEngine on the tiny model: answers with and without an image, token stats, multi-turn, streaming,
+and DRIP token budgets (exact ratio / count, calibrated mean)."""
 import threading
 
 import pytest
@@ -8,7 +9,7 @@ from tiny_model import tiny_engine, tiny_llava  # noqa: F401  (fixtures)
 
 from llava_drip.data.shapes import Scene, render, rng_for
 from llava_drip.mm_utils import process_images, tokenizer_image_token
-from llava_drip.serve.engine import validate_messages, visual_token_summary
+from llava_drip.serve.engine import ChatEngine, validate_messages, visual_token_summary
 
 Q = "What color are the shapes in the image?"
 
@@ -16,6 +17,26 @@ Q = "What color are the shapes in the image?"
 @pytest.fixture(scope="module")
 def shapes_image() -> Image.Image:
     return render(Scene("square", "green", "large", "left", 2, "dots"), rng_for(0, 1000, 7), image_size=96)
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list:
+    """Images from plain to busy, so the calibrated cut keeps different counts for them."""
+    drawn = [render(Scene(shape, color, size, pos, n, bg), rng_for(0, 1000, i), image_size=96)
+             for i, (shape, color, size, pos, n, bg) in enumerate([
+                 ("circle", "red", "small", "left", 1, "plain"), ("hexagon", "black", "large", "bottom", 1, "noise"),
+                 ("star", "blue", "large", "center", 3, "stripes"), ("square", "green", "large", "left", 2, "dots")])]
+    return drawn + [Image.new("RGB", (96, 96), "white")]
+
+
+@pytest.fixture
+def projector_lengths(tiny_engine):
+    """Visual tokens the projector receives inside generate (what the LLM really reads), one entry per call."""
+    seen = []
+    hook = tiny_engine.model.get_model().mm_projector.register_forward_hook(
+        lambda module, args, out: seen.append(int(args[0].shape[0])))
+    yield seen
+    hook.remove()
 
 
 def _user(text):
@@ -127,3 +148,102 @@ def test_sampling_runs(tiny_engine, shapes_image):
 def test_visual_token_summary():
     assert visual_token_summary(64, 14) == "DRIP kept 14 of 64 visual tokens (4.6x fewer)"
     assert visual_token_summary(64, 64) == "DRIP kept 64 of 64 visual tokens (no reduction)"
+
+
+def test_visual_token_summary_with_budget():
+    assert visual_token_summary(64, 16, "0.25") == "DRIP kept 16 of 64 visual tokens (4.0x fewer); budget: 0.25"
+
+
+# ---- token budgets ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [0.05, 0.1, 0.25, 0.5, 1.0, "0.25"])
+def test_ratio_budget_is_exact_for_every_image(tiny_engine, scenes, ratio):
+    n = tiny_engine.vision_tower.num_patches
+    for image in scenes:
+        tokens = tiny_engine.encode_image(image, budget=ratio)
+        assert (tokens.tokens_in, tokens.tokens_out) == (n, round(float(ratio) * n))
+        assert tokens.budget == {1.0: "1.0"}.get(float(ratio), f"{float(ratio):g}")  # '1' would be a count
+
+
+@pytest.mark.parametrize("count", [1, 5, 16, "16", 64])
+def test_count_budget_is_exact_for_every_image(tiny_engine, scenes, count):
+    for image in scenes:
+        tokens = tiny_engine.encode_image(image, budget=count)
+        assert tokens.tokens_out == int(count) and tokens.budget == str(int(count))
+
+
+def test_counts_follow_the_image_at_the_default_and_at_a_mean(tiny_engine, scenes):
+    assert "mean" in tiny_engine.budget_kinds  # the fixture's tower is calibrated
+    default = [tiny_engine.encode_image(im).tokens_out for im in scenes]
+    mean = {r: [tiny_engine.encode_image(im, budget=f"mean:{r}").tokens_out for im in scenes] for r in (0.1, 0.25, 0.5)}
+    assert len(set(default)) > 1, default
+    assert len(set(mean[0.25])) > 1, mean
+    # a higher mean lowers the cut: no image loses tokens
+    assert all(a <= b <= c for a, b, c in zip(mean[0.1], mean[0.25], mean[0.5])), mean
+    assert sum(mean[0.1]) < sum(mean[0.5])
+    assert tiny_engine.encode_image(scenes[0]).budget is None
+    assert tiny_engine.budget_label(None) == f"model default ({tiny_engine.default_budget})"
+
+
+@pytest.mark.parametrize("budget,shown", [(None, None), ("0.5", "0.5"), (8, "8"), ("mean:0.1", "mean:0.1"),
+                                          (1.0, "1.0")])
+def test_chat_reports_the_budget_generate_used(tiny_engine, shapes_image, projector_lengths, budget, shown):
+    text, stats = tiny_engine.chat(_user(Q), shapes_image, temperature=0, max_new_tokens=4, budget=budget)
+    expected = tiny_engine.encode_image(shapes_image, budget)
+    assert stats.budget == expected.budget == shown
+    assert stats.visual_tokens_out == expected.tokens_out
+    assert projector_lengths == [stats.visual_tokens_out]  # generate encoded the image at the same budget
+    ids = tokenizer_image_token(tiny_engine.render_prompt(validate_messages(_user(Q)), True), tiny_engine.tokenizer)
+    assert stats.prompt_tokens == len(ids) - 1 + stats.visual_tokens_out
+    assert stats.to_dict()["budget"] == stats.budget
+    stream = tiny_engine.stream(_user(Q), shapes_image, temperature=0, max_new_tokens=4, budget=budget)
+    assert "".join(stream).strip() == text
+    assert (stream.stats.visual_tokens_out, stream.stats.budget) == (stats.visual_tokens_out, stats.budget)
+    assert projector_lengths == [stats.visual_tokens_out] * 2
+
+
+def test_image_tokens_keep_their_budget(tiny_engine, shapes_image, projector_lengths):
+    tokens = tiny_engine.encode_image(shapes_image, budget="0.5")
+    _, stats = tiny_engine.chat(_user(Q), tokens, temperature=0, max_new_tokens=2)  # no budget: the image's own
+    assert (stats.visual_tokens_out, stats.budget) == (32, "0.5")
+    _, stats = tiny_engine.chat(_user(Q), tokens, temperature=0, max_new_tokens=2, budget=8)  # re-counted
+    assert (stats.visual_tokens_out, stats.budget) == (8, "8")
+    assert projector_lengths == [32, 8]
+
+
+@pytest.mark.parametrize("budget,needle", [("abc", "invalid budget"), ("0", "whole number"), (0, "whole number"),
+                                           (1.5, r"\(0, 1\]"), ("mean:2", r"\(0, 1\]"), ("mean:x", "invalid budget"),
+                                           (65, "64 patches"), (True, "invalid budget")])
+def test_bad_budgets_raise(tiny_engine, shapes_image, budget, needle):
+    with pytest.raises(ValueError, match=needle):
+        tiny_engine.encode_image(shapes_image, budget=budget)
+    with pytest.raises(ValueError, match=needle):
+        tiny_engine.chat(_user(Q), shapes_image, budget=budget)
+    with pytest.raises(ValueError, match=needle):
+        tiny_engine.stream(_user(Q), None, budget=budget)  # checked with or without an image
+
+
+def test_budget_on_a_tower_without_drip_is_a_clear_error(tiny_engine, shapes_image, monkeypatch):
+    import llava_drip.drip.factory  # noqa: F401  (registers ViT-tiny with open_clip)
+    from llava_drip.model.multimodal_encoder.towers import OpenCLIPVisionTower
+    vit = OpenCLIPVisionTower("ViT-tiny")
+    monkeypatch.setattr(ChatEngine, "vision_tower", property(lambda self: vit))
+    assert tiny_engine.budget_kinds == () and tiny_engine.default_budget is None
+    assert tiny_engine.resolve_budget(None) is None
+    for budget in ("0.25", 16, "mean:0.25"):
+        with pytest.raises(ValueError, match="needs a DRIP vision tower; this model's ViT-tiny keeps all 64 patches"):
+            tiny_engine.encode_image(shapes_image, budget=budget)
+        with pytest.raises(ValueError, match="needs a DRIP vision tower"):
+            tiny_engine.chat(_user(Q), shapes_image, budget=budget)
+
+
+def test_mean_budget_needs_calibration(tiny_engine, shapes_image):
+    quantiles = tiny_engine.vision_tower.vision_tower.calib_quantiles
+    saved = quantiles.clone()
+    quantiles.fill_(float("nan"))  # as an uncalibrated checkpoint loads
+    try:
+        assert tiny_engine.budget_kinds == ("ratio", "count")
+        with pytest.raises(ValueError, match="calibrated"):
+            tiny_engine.encode_image(shapes_image, budget="mean:0.25")
+        assert tiny_engine.encode_image(shapes_image, budget="0.25").tokens_out == 16  # fixed counts need none
+    finally:
+        quantiles.copy_(saved)

@@ -43,9 +43,12 @@ class Budget:
         raise ValueError("a mean budget has no fixed count per image")
 
     def __str__(self) -> str:
+        """The spec parse_budget reads back: a ratio always keeps its decimal point ('1.0' is every
+        patch, '1' one token)."""
         if self.kind == "count":
             return str(int(self.value))
-        return f"mean:{self.value:g}" if self.kind == "mean" else f"{self.value:g}"
+        text = repr(float(self.value))
+        return f"mean:{text}" if self.kind == "mean" else text
 
 
 BudgetLike = Union[None, str, float, int, Budget]

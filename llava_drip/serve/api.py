@@ -4,7 +4,9 @@ POST /v1/chat/completions (non-streaming, or SSE with `stream: true`) and GET /v
 as `image_url` content parts holding data URLs (`data:image/png;base64,...`); the server fetches
 nothing from the network, so http(s) URLs are refused. One image per conversation, placed in the
 first user turn as LLaVA was trained. Responses carry OpenAI's `usage` (prompt tokens include the
-visual ones) plus `visual_tokens: {in, out}`: patch tokens and the tokens DRIP kept.
+visual ones) plus `visual_tokens: {in, out, budget}`: patch tokens, the tokens DRIP kept and the budget
+they were kept at. A request picks the budget with the extra field `drip_budget` ("0.25", 16,
+"mean:0.25"; `extra_body` in OpenAI's clients); --budget sets the server's default.
 
 With an API key configured (the env var named by --api-key-env) every request needs
 `Authorization: Bearer <key>`; the key is never printed or logged.
@@ -24,7 +26,10 @@ from typing import Iterator, Optional, Tuple
 
 from PIL import Image
 
-from .engine import ChatEngine, ChatStats
+from llava_drip.drip.budget import Budget, parse_budget
+
+from .cli import BUDGET_HELP
+from .engine import ChatEngine, ChatStats, budget_text
 
 _logger = logging.getLogger(__name__)
 
@@ -117,6 +122,20 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
     return value
 
 
+def parse_budget_field(value) -> Optional[Budget]:
+    """The request's `drip_budget`: a spec string ("0.25", "16", "mean:0.25") or a JSON number (an
+    integer is a count, a fraction a ratio); null or absent: the server's default."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise APIError(400, f"drip_budget must be a string or a number (0.25, 16, \"mean:0.25\"), got {value!r}",
+                       "drip_budget")
+    try:
+        return parse_budget(value)
+    except ValueError as e:
+        raise APIError(400, f"drip_budget: {e}", "drip_budget") from e
+
+
 def parse_request(body) -> dict:
     """Validate a chat.completions body; returns the engine arguments plus `stream` options."""
     if not isinstance(body, dict):
@@ -135,6 +154,7 @@ def parse_request(body) -> dict:
     return dict(messages=messages, image=image, max_new_tokens=max_tokens,
                 temperature=float(_number(body, "temperature", 0.2, 0.0, 2.0)),
                 top_p=float(_number(body, "top_p", 0.7, 1e-6, 1.0)), stream=stream,
+                budget=parse_budget_field(body.get("drip_budget")),
                 include_usage=bool(isinstance(options, dict) and options.get("include_usage")))
 
 
@@ -142,7 +162,7 @@ def parse_request(body) -> dict:
 def usage_fields(stats: ChatStats) -> dict:
     return {"usage": {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
                       "total_tokens": stats.prompt_tokens + stats.generated_tokens},
-            "visual_tokens": {"in": stats.visual_tokens_in, "out": stats.visual_tokens_out}}
+            "visual_tokens": {"in": stats.visual_tokens_in, "out": stats.visual_tokens_out, "budget": stats.budget}}
 
 
 def _sse(obj) -> str:
@@ -173,14 +193,16 @@ def stream_events(stream, model_id: str, include_usage: bool) -> Iterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def create_app(engine: ChatEngine, model_id: str, api_key: Optional[str] = None):
-    """The FastAPI app. api_key None or empty: no authentication."""
+def create_app(engine: ChatEngine, model_id: str, api_key: Optional[str] = None, budget=None):
+    """The FastAPI app. api_key None or empty: no authentication. budget: the DRIP budget of requests
+    without `drip_budget` (None: the model's default); ValueError if the model cannot serve it."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    default_budget = engine.resolve_budget(budget)
     app = FastAPI(title="llava-drip", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
 
@@ -222,7 +244,12 @@ def create_app(engine: ChatEngine, model_id: str, api_key: Optional[str] = None)
         if body.get("model") not in (None, model_id):
             raise APIError(404, f"model {body['model']!r} does not exist; this server serves {model_id!r}",
                            "model", code="model_not_found")
-        args = dict(temperature=req["temperature"], top_p=req["top_p"], max_new_tokens=req["max_new_tokens"])
+        try:  # what the model can serve: a DRIP tower, at most N tokens, calibrated for a mean
+            budget = engine.resolve_budget(req["budget"] if req["budget"] is not None else default_budget)
+        except ValueError as e:
+            raise APIError(400, f"drip_budget: {e}", "drip_budget") from e
+        args = dict(temperature=req["temperature"], top_p=req["top_p"], max_new_tokens=req["max_new_tokens"],
+                    budget=budget)
         try:
             if req["stream"]:
                 stream = await run_in_threadpool(engine.stream, req["messages"], req["image"], **args)
@@ -250,20 +277,33 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at startup)")
     p.add_argument("--api-key-env", default="LLAVA_DRIP_API_KEY",
                    help="env var holding the API key; unset or empty: no authentication")
+    p.add_argument("--budget", default=None, help=BUDGET_HELP + "; a request's drip_budget overrides it")
     p.add_argument("--device", default="cpu")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     args = p.parse_args(argv)
+    prog = "llava-drip serve-api"
+    try:  # before loading the model: a typo fails in a second
+        budget = parse_budget(args.budget)
+    except ValueError as e:
+        print(f"{prog}: --budget: {e}", file=sys.stderr)
+        return 2
 
     import uvicorn
     from llava_drip.mm_utils import get_model_name_from_path
     api_key = os.environ.get(args.api_key_env) or None
     model_id = args.model_name or get_model_name_from_path(args.model_path)
     engine = ChatEngine(args.model_path, model_base=args.model_base, device=args.device)
+    try:
+        app = create_app(engine, model_id, api_key, budget)
+    except ValueError as e:  # a budget this model cannot serve
+        print(f"{prog}: --budget: {e}", file=sys.stderr)
+        return 2
     auth = f"API key required (from ${args.api_key_env})" if api_key else f"no API key (${args.api_key_env} is unset)"
-    print(f"serving {model_id!r} from {args.model_path}; {auth}", flush=True)
+    shown = engine.budget_label(budget_text(budget))
+    print(f"serving {model_id!r} from {args.model_path}; {auth}; DRIP budget {shown}", flush=True)
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: {args.host} is reachable from other machines and no API key is set", file=sys.stderr)
-    uvicorn.run(create_app(engine, model_id, api_key), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

@@ -2,12 +2,16 @@
 
 Reads one user message per line from stdin until EOF (Ctrl-D), streaming each answer after
 "ASSISTANT: ". With --image-file the image goes into the first turn, and the number of visual
-tokens DRIP kept for it is printed once before the chat starts.
+tokens DRIP kept for it (at --budget) is printed once before the chat starts.
 """
 import argparse
 import sys
 
 from PIL import Image
+
+BUDGET_HELP = ("DRIP visual tokens per image, three forms: a ratio 0.25 (exactly round(0.25 N) of the N patches), "
+               "a count 16 (exactly 16), or mean:0.25 (the calibrated cut: 0.25 N on average, each image its own "
+               "count); default: the model's own")
 
 
 def main(argv=None) -> int:
@@ -19,9 +23,18 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.2, help="0 for greedy decoding")
     p.add_argument("--top-p", type=float, default=0.7)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--budget", default=None, help=BUDGET_HELP)
     p.add_argument("--conv-mode", default="vicuna_v1", help="conversation template")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    prog = "llava-drip chat"
+
+    try:  # before loading anything: a typo fails in a second
+        from llava_drip.drip.budget import parse_budget
+        budget = parse_budget(args.budget)
+    except ValueError as e:
+        print(f"{prog}: --budget: {e}", file=sys.stderr)
+        return 2
 
     image = None
     if args.image_file:
@@ -30,15 +43,21 @@ def main(argv=None) -> int:
                 im.load()
                 image = im.copy()
         except OSError as e:  # missing file, or not an image PIL can read
-            print(f"llava-drip chat: cannot read image {args.image_file}: {e}", file=sys.stderr)
+            print(f"{prog}: cannot read image {args.image_file}: {e}", file=sys.stderr)
             return 2
     from .engine import ChatEngine, visual_token_summary  # after the image check: a bad path fails fast
     engine = ChatEngine(args.model_path, model_base=args.model_base, device=args.device,
                         conv_template=args.conv_mode)
+    try:  # what only the model can tell: a DRIP tower, enough patches, calibrated for a mean
+        budget = engine.resolve_budget(budget)
+    except ValueError as e:
+        print(f"{prog}: --budget: {e}", file=sys.stderr)
+        return 2
     tokens = None
     if image is not None:
-        tokens = engine.encode_image(image)  # once: every turn reuses the same pixels and count
-        print(visual_token_summary(tokens.tokens_in, tokens.tokens_out), flush=True)
+        tokens = engine.encode_image(image, budget)  # once: every turn reuses the same pixels, count and budget
+        print(visual_token_summary(tokens.tokens_in, tokens.tokens_out, engine.budget_label(tokens.budget)),
+              flush=True)
 
     history = []
     interactive = sys.stdin.isatty()
@@ -58,9 +77,9 @@ def main(argv=None) -> int:
         history.append({"role": "user", "content": line})
         try:
             stream = engine.stream(history, tokens, temperature=args.temperature, top_p=args.top_p,
-                                   max_new_tokens=args.max_new_tokens)
+                                   max_new_tokens=args.max_new_tokens, budget=budget)
         except ValueError as e:  # e.g. the conversation outgrew the context
-            print(f"llava-drip chat: {e}", file=sys.stderr)
+            print(f"{prog}: {e}", file=sys.stderr)
             return 1
         print("ASSISTANT: ", end="", flush=True)
         for piece in stream:

@@ -1,8 +1,10 @@
 """`llava-drip demo`: a Gradio chat with LLaVA-DRIP that shows how many visual tokens DRIP kept.
 
 Upload an image (it starts a new conversation, as in LLaVA's demo), ask questions, and read the
-token count and the boundary map of the image. Without --model-path it serves the built-in tiny
-model, building it on first use (a few minutes on CPU, cached in llava_drip.train.tiny_pipeline.DEFAULT_CACHE).
+token count and the boundary map of the image. The budget control under the image re-pools it at
+another visual-token budget (exactly r N tokens, or r N on average) without retraining, and the next
+answer uses it. Without --model-path it serves the built-in tiny model, building it on first use (a
+few minutes on CPU, cached in llava_drip.train.tiny_pipeline.DEFAULT_CACHE).
 """
 import argparse
 import os
@@ -12,7 +14,9 @@ from typing import List, Optional, Sequence, Tuple
 
 from PIL import Image
 
-from .engine import ChatEngine, ChatStats, visual_token_summary
+from llava_drip.drip.budget import Budget
+
+from .engine import ChatEngine, ChatStats, budget_text, visual_token_summary
 from .viz import boundary_map
 
 EXAMPLE_QUESTIONS = ("What color are the shapes in the image?", "Where is the hexagon located?",
@@ -50,31 +54,70 @@ def _stats_markdown(summary: str, stats: Optional[ChatStats] = None) -> str:
     return text
 
 
-def build_demo(engine: ChatEngine, examples: Sequence[Tuple[str, str]] = ()):
-    """The Blocks app (not launched). Conversation state lives in a gr.State of plain messages."""
-    import gradio as gr
+# the budget control: a mode and a ratio r (tokens per patch); see llava_drip.drip.budget
+MODE_DEFAULT, MODE_EXACT, MODE_MEAN = "model default", "exactly r·N per image", "mean r·N (image-dependent)"
+DEFAULT_RATIO = 0.25
 
-    def on_image(image: Optional[Image.Image]):
+
+def budget_spec(mode: str, ratio: float) -> Optional[str]:
+    """The demo's budget control -> a budget spec: '0.25' (exactly), 'mean:0.25', or None (the model's default)."""
+    if mode == MODE_DEFAULT:
+        return None
+    r = round(float(ratio), 4)  # slider floats: 0.30000000000000004 -> 0.3
+    if mode == MODE_EXACT:
+        return budget_text(Budget("ratio", r))
+    if mode == MODE_MEAN:
+        return budget_text(Budget("mean", r))
+    raise ValueError(f"unknown budget mode {mode!r}; expected one of {(MODE_DEFAULT, MODE_EXACT, MODE_MEAN)}")
+
+
+def budget_modes(engine: ChatEngine) -> List[str]:
+    """The modes this model offers: none for a tower that keeps every patch, no mean without calibration."""
+    kinds = engine.budget_kinds
+    if not kinds:
+        return []
+    return [MODE_DEFAULT, MODE_EXACT] + ([MODE_MEAN] if "mean" in kinds else [])
+
+
+class DemoActions:
+    """The demo's callbacks on one engine, kept apart from the layout so tests can call them directly."""
+
+    def __init__(self, engine: ChatEngine):
+        self.engine = engine
+
+    def show_image(self, image: Optional[Image.Image], mode: str, ratio: float) -> Tuple[str, Optional[Image.Image]]:
+        """(token-count markdown, boundary map) of the image at the chosen budget."""
         if image is None:
-            return _stats_markdown(NO_IMAGE_TEXT), None, [], []
-        tokens = engine.encode_image(image)
-        viz = boundary_map(engine.vision_tower, tokens.pixel_values, engine.image_processor)
-        return _stats_markdown(visual_token_summary(tokens.tokens_in, tokens.tokens_out)), viz, [], []
+            return _stats_markdown(NO_IMAGE_TEXT), None
+        try:
+            tokens = self.engine.encode_image(image, budget_spec(mode, ratio))
+        except ValueError as e:
+            import gradio as gr
+            raise gr.Error(str(e)) from e
+        viz = boundary_map(self.engine.vision_tower, tokens.pixel_values, self.engine.image_processor,
+                           budget=tokens.budget)
+        summary = visual_token_summary(tokens.tokens_in, tokens.tokens_out, self.engine.budget_label(tokens.budget))
+        return _stats_markdown(summary), viz
 
-    def add_user(text: str, history: list):
-        text = (text or "").strip()
-        if not text:
-            return gr.update(), history, history
-        history = history + [{"role": "user", "content": text}]
-        return "", history, history
+    def on_image(self, image, mode: str, ratio: float):
+        """A new image starts a new conversation: (markdown, map, chatbot, history)."""
+        return (*self.show_image(image, mode, ratio), [], [])
 
-    def answer(image, history: list, temperature: float, top_p: float, max_tokens: int):
+    def on_mode(self, image, mode: str, ratio: float):
+        """(markdown, map, slider update): the ratio slider only means something away from the default."""
+        import gradio as gr
+        return (*self.show_image(image, mode, ratio), gr.update(interactive=mode != MODE_DEFAULT))
+
+    def answer(self, image, history: list, temperature: float, top_p: float, max_tokens: int,
+               mode: str = MODE_DEFAULT, ratio: float = DEFAULT_RATIO):
+        """Stream the answer to the last user turn: yields (chatbot, history, markdown update)."""
+        import gradio as gr
         if not history or history[-1]["role"] != "user":
             yield history, history, gr.update()
             return
         try:
-            stream = engine.stream(history, image, temperature=temperature, top_p=top_p,
-                                   max_new_tokens=int(max_tokens))
+            stream = self.engine.stream(history, image, temperature=temperature, top_p=top_p,
+                                        max_new_tokens=int(max_tokens), budget=budget_spec(mode, ratio))
         except ValueError as e:  # e.g. a conversation longer than the model's context
             raise gr.Error(str(e)) from e
         shown = history + [{"role": "assistant", "content": ""}]
@@ -83,9 +126,25 @@ def build_demo(engine: ChatEngine, examples: Sequence[Tuple[str, str]] = ()):
             yield shown, history, gr.update()
         history = history + [{"role": "assistant", "content": stream.text}]
         s = stream.stats
-        summary = visual_token_summary(s.visual_tokens_in, s.visual_tokens_out) if s.visual_tokens_in else NO_IMAGE_TEXT
+        summary = (visual_token_summary(s.visual_tokens_in, s.visual_tokens_out, self.engine.budget_label(s.budget))
+                   if s.visual_tokens_in else NO_IMAGE_TEXT)
         yield history, history, _stats_markdown(summary, s)
 
+
+def build_demo(engine: ChatEngine, examples: Sequence[Tuple[str, str]] = ()):
+    """The Blocks app (not launched). Conversation state lives in a gr.State of plain messages."""
+    import gradio as gr
+
+    actions = DemoActions(engine)
+
+    def add_user(text: str, history: list):
+        text = (text or "").strip()
+        if not text:
+            return gr.update(), history, history
+        history = history + [{"role": "user", "content": text}]
+        return "", history, history
+
+    modes = budget_modes(engine)
     with gr.Blocks(title="LLaVA-DRIP", analytics_enabled=False) as demo:
         gr.Markdown("# LLaVA-DRIP\nLLaVA whose vision tower (DRIP) pools image patches into fewer, "
                     "variable-count segments. The map shows each segment in its own colour.")
@@ -93,6 +152,12 @@ def build_demo(engine: ChatEngine, examples: Sequence[Tuple[str, str]] = ()):
         with gr.Row():
             with gr.Column(scale=2):
                 image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], height=300)
+                with gr.Group(visible=bool(modes)):  # a tower that keeps every patch has no budget
+                    mode = gr.Radio(modes or [MODE_DEFAULT], value=MODE_DEFAULT, label="Visual-token budget",
+                                    info="N = patches; applies to the map now and to the next answer",
+                                    elem_id="drip-budget-mode")
+                    ratio = gr.Slider(0.05, 1.0, value=DEFAULT_RATIO, step=0.05, label="r (tokens per patch)",
+                                      interactive=False, elem_id="drip-ratio")
                 tokens_md = gr.Markdown(_stats_markdown(NO_IMAGE_TEXT), elem_id="drip-tokens")
                 viz = gr.Image(type="pil", label="DRIP boundary map", interactive=False, height=300,
                                elem_id="drip-map")
@@ -110,10 +175,14 @@ def build_demo(engine: ChatEngine, examples: Sequence[Tuple[str, str]] = ()):
         if examples:
             gr.Examples([[p, q] for p, q in examples], inputs=[image, textbox], label="Examples")
 
-        image.change(on_image, [image], [tokens_md, viz, chatbot, history])
+        budget_inputs = [image, mode, ratio]
+        image.change(actions.on_image, budget_inputs, [tokens_md, viz, chatbot, history])
+        mode.change(actions.on_mode, budget_inputs, [tokens_md, viz, ratio])
+        ratio.change(actions.show_image, budget_inputs, [tokens_md, viz])  # the chat carries on
         for trigger in (textbox.submit, send.click):
             trigger(add_user, [textbox, history], [textbox, chatbot, history]).then(
-                answer, [image, history, temperature, top_p, max_tokens], [chatbot, history, tokens_md])
+                actions.answer, [image, history, temperature, top_p, max_tokens, mode, ratio],
+                [chatbot, history, tokens_md])
         clear.click(lambda: ([], [], ""), None, [chatbot, history, textbox])
     return demo
 

@@ -3,6 +3,10 @@
 Messages use OpenAI's shape, `{"role": "system" | "user" | "assistant", "content": str}`, and the
 conversation holds at most one image, which goes into the first user turn (LLaVA's convention, and
 what the model was trained on). Prompts are rendered with the `vicuna_v1` template by default.
+
+A DRIP model serves any token budget without retraining (llava_drip.drip.budget): `budget="0.25"`
+keeps exactly round(0.25 N) visual tokens per image, `16` exactly 16, `"mean:0.25"` the calibrated
+cut (0.25 N on average, each image its own count); None is the model's default.
 """
 import logging
 import os
@@ -16,7 +20,9 @@ from PIL import Image
 
 from llava_drip.constants import DEFAULT_IMAGE_TOKEN
 from llava_drip.conversation import get_conv_template
+from llava_drip.drip.budget import Budget, BudgetLike, parse_budget
 from llava_drip.mm_utils import process_images, tokenizer_image_token
+from llava_drip.model.multimodal_encoder.towers import DRIPVisionTower
 
 _logger = logging.getLogger(__name__)
 
@@ -32,6 +38,7 @@ class ChatStats:
     generated_tokens: int
     latency_s: float
     finish_reason: str = "stop"  # "stop" (EOS) or "length" (hit max_new_tokens)
+    budget: Optional[str] = None  # DRIP budget of the image ('0.25', '16', 'mean:0.25'); None: the model's default
 
     @property
     def visual_ratio(self) -> float:
@@ -44,19 +51,27 @@ class ChatStats:
 
 @dataclass
 class ImageTokens:
-    """An image as the model sees it: the pixel tensor and the visual-token counts."""
+    """An image as the model sees it: the pixel tensor, the visual-token counts and the budget behind them."""
     pixel_values: torch.Tensor  # [1, 3, H, W]
-    tokens_in: int
-    tokens_out: int
+    tokens_in: int  # patch tokens
+    tokens_out: int  # tokens kept at `budget`
+    budget: Optional[str] = None  # budget spec (budget_text); None: the model's default
 
 
-def visual_token_summary(tokens_in: int, tokens_out: int) -> str:
-    """'DRIP kept 14 of 64 visual tokens (4.6x fewer)'."""
+def visual_token_summary(tokens_in: int, tokens_out: int, budget: Optional[str] = None) -> str:
+    """'DRIP kept 14 of 64 visual tokens (4.6x fewer)', plus '; budget: <budget>' when one is given."""
     if tokens_out <= 0:
-        return f"DRIP kept 0 of {tokens_in} visual tokens"
-    factor = tokens_in / tokens_out
-    tail = f" ({factor:.1f}x fewer)" if tokens_out < tokens_in else " (no reduction)"
-    return f"DRIP kept {tokens_out} of {tokens_in} visual tokens{tail}"
+        text = f"DRIP kept 0 of {tokens_in} visual tokens"
+    else:
+        factor = tokens_in / tokens_out
+        tail = f" ({factor:.1f}x fewer)" if tokens_out < tokens_in else " (no reduction)"
+        text = f"DRIP kept {tokens_out} of {tokens_in} visual tokens{tail}"
+    return f"{text}; budget: {budget}" if budget else text
+
+
+def budget_text(budget: Optional[Budget]) -> Optional[str]:
+    """A budget as the spec that parses back to it (str(Budget) keeps a ratio's point); None stays None."""
+    return None if budget is None else str(budget)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -123,16 +138,83 @@ class ChatEngine:
     def vision_tower(self):
         return self.model.get_vision_tower()
 
+    # ---- budgets ----------------------------------------------------------------------------------------
+    @property
+    def budget_kinds(self) -> tuple:
+        """Budget kinds this model serves: () for a tower that keeps every patch; 'mean' needs calibration."""
+        tower = self.vision_tower
+        if not isinstance(tower, DRIPVisionTower):
+            return ()
+        return ("ratio", "count", "mean") if tower.vision_tower.is_calibrated else ("ratio", "count")
+
+    @property
+    def default_budget(self) -> Optional[str]:
+        """What budget=None means here as a spec (the config's mm_drip_budget, else the eval mode's:
+        'calibrated' -> 'mean:p', 'topk' -> 'p'); None for rules without one (threshold) or non-DRIP towers."""
+        tower = self.vision_tower
+        if not isinstance(tower, DRIPVisionTower):
+            return None
+        default = tower.budget if tower.budget is not None else tower.vision_tower.default_budget
+        return budget_text(default)
+
+    def budget_label(self, budget: Optional[str]) -> str:
+        """A budget for people: the spec, or 'model default (mean:0.25)' for None."""
+        if budget is not None:
+            return budget
+        default = self.default_budget
+        return f"model default ({default})" if default else "model default"
+
+    def resolve_budget(self, budget: BudgetLike) -> Optional[Budget]:
+        """Parse a budget ('0.25', 0.25, '16', 16, 'mean:0.25', a Budget) and check this model can serve it.
+
+        Returns None for None (the model's default). Raises ValueError for a malformed spec, any budget
+        on a tower that is not DRIP, a count above the tower's patches, or a mean on an uncalibrated tower.
+        """
+        parsed = parse_budget(budget)
+        if parsed is None:
+            return None
+        tower = self.vision_tower
+        if not isinstance(tower, DRIPVisionTower):
+            raise ValueError(f"a token budget needs a DRIP vision tower; this model's {tower.name} keeps all "
+                             f"{tower.num_patches} patches (got budget {parsed})")
+        n = tower.num_patches
+        if parsed.kind == "count" and parsed.value > n:
+            raise ValueError(f"budget {parsed} asks for more tokens than the tower's {n} patches; "
+                             f"use at most {n} (or the ratio 1.0)")
+        if parsed.kind == "mean" and not tower.vision_tower.is_calibrated:
+            raise ValueError(f"budget {parsed} needs a calibrated DRIP tower (`llava-drip calibrate`); "
+                             "use a ratio (0.25) or a count (16)")
+        return parsed
+
     # ---- inputs ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_image(self, image: Image.Image) -> ImageTokens:
-        """Preprocess one image (any mode or size) and count the visual tokens the tower keeps."""
+    def encode_image(self, image: Image.Image, budget: BudgetLike = None) -> ImageTokens:
+        """Preprocess one image (any mode or size) and count the visual tokens the tower keeps.
+
+        Args:
+            image: PIL image of any mode or size.
+            budget: DRIP tokens to keep ('0.25', 16, 'mean:0.25'; see llava_drip.drip.budget); None:
+                the model's default. ValueError for a bad budget or a budget on a non-DRIP tower.
+        """
+        parsed = self.resolve_budget(budget)
         pixels = process_images([to_rgb(image)], self.image_processor, self.model.config)
-        pixels = pixels.to(self.device, dtype=self.model.dtype)
+        return self._count(pixels.to(self.device, dtype=self.model.dtype), parsed)
+
+    @torch.no_grad()
+    def _count(self, pixels: torch.Tensor, budget: Optional[Budget]) -> ImageTokens:
         tower = self.vision_tower
         with self._lock:
-            tokens_out = int(tower(pixels)[0].shape[0])
-        return ImageTokens(pixels, int(tower.num_patches), tokens_out)
+            feats = tower(pixels) if budget is None else tower(pixels, budget=budget)
+        return ImageTokens(pixels, int(tower.num_patches), int(feats[0].shape[0]), budget_text(budget))
+
+    def _image_tokens(self, image, budget: Optional[Budget]) -> Optional[ImageTokens]:
+        """The conversation's image at `budget`; an ImageTokens keeps its own budget when budget is None."""
+        if image is None:
+            return None
+        if not isinstance(image, ImageTokens):
+            return self.encode_image(image, budget)
+        if budget is None or budget_text(budget) == image.budget:
+            return image
+        return self._count(image.pixel_values, budget)  # same pixels, another budget
 
     def render_prompt(self, messages: Sequence[dict], with_image: bool) -> str:
         conv = get_conv_template(self.conv_template)
@@ -180,13 +262,15 @@ class ChatEngine:
         kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=sample,
                       images=image.pixel_values if image is not None else None,
                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        if image is not None and image.budget is not None:
+            kwargs["budget"] = image.budget  # generate encodes the image again: at the budget it was counted at
         if sample:
             kwargs.update(temperature=float(temperature), top_p=float(top_p))
         else:  # the checkpoint's generation_config may carry sampling values that greedy would warn about
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
-    def _prepare(self, messages, image, temperature, top_p, max_new_tokens):
+    def _prepare(self, messages, image, temperature, top_p, max_new_tokens, budget):
         messages = validate_messages(messages)
         if not 0 <= float(temperature) <= 2:
             raise ValueError(f"temperature must be in [0, 2], got {temperature}")
@@ -194,7 +278,7 @@ class ChatEngine:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if int(max_new_tokens) < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        tokens = image if isinstance(image, ImageTokens) else (self.encode_image(image) if image is not None else None)
+        tokens = self._image_tokens(image, self.resolve_budget(budget))  # checked with or without an image
         ids, n_prompt, max_new = self._fit_prompt(messages, tokens, max_new_tokens)
         ids = ids.to(self.device)
         return tokens, n_prompt, self._generate_kwargs(ids, tokens, temperature, top_p, max_new), ids
@@ -203,7 +287,8 @@ class ChatEngine:
         ended = bool(new_ids.numel()) and int(new_ids[-1]) == self.tokenizer.eos_token_id
         return ChatStats(tokens.tokens_in if tokens else 0, tokens.tokens_out if tokens else 0, n_prompt,
                          int(new_ids.numel()), time.perf_counter() - t0,
-                         "length" if (not ended and new_ids.numel() >= max_new) else "stop")
+                         "length" if (not ended and new_ids.numel() >= max_new) else "stop",
+                         tokens.budget if tokens else None)
 
     def _decode(self, new_ids: torch.Tensor) -> str:
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
@@ -214,29 +299,32 @@ class ChatEngine:
 
     # ---- answering --------------------------------------------------------------------------------------
     def chat(self, messages: Sequence[dict], image: "Image.Image | ImageTokens | None" = None,
-             temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 128):
+             temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 128, budget: BudgetLike = None):
         """Answer the last user message. Returns (text, ChatStats).
 
         Args:
             messages: OpenAI-style messages, string content, ending with a user turn.
             image: the conversation's image (PIL of any mode/size, or an `encode_image` result), or None.
             temperature: 0 for greedy decoding.
+            budget: DRIP visual tokens for the image ('0.25', 16, 'mean:0.25'); None: an ImageTokens'
+                own budget, else the model's default. The stats report the budget and the kept count.
         """
         t0 = time.perf_counter()
-        tokens, n_prompt, kwargs, ids = self._prepare(messages, image, temperature, top_p, max_new_tokens)
+        tokens, n_prompt, kwargs, ids = self._prepare(messages, image, temperature, top_p, max_new_tokens, budget)
         with self._lock:
             out = self.model.generate(ids, **kwargs)
         new_ids = out[0]
         return self._decode(new_ids), self._stats(tokens, n_prompt, new_ids, kwargs["max_new_tokens"], t0)
 
     def stream(self, messages: Sequence[dict], image: "Image.Image | ImageTokens | None" = None,
-               temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 128) -> "ChatStream":
+               temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 128,
+               budget: BudgetLike = None) -> "ChatStream":
         """Like `chat`, but returns a ChatStream: iterate it for text pieces, then read `.stats`.
 
-        Input errors raise here, before any generation starts.
+        Input errors (a bad budget included) raise here, before any generation starts.
         """
         t0 = time.perf_counter()
-        tokens, n_prompt, kwargs, ids = self._prepare(messages, image, temperature, top_p, max_new_tokens)
+        tokens, n_prompt, kwargs, ids = self._prepare(messages, image, temperature, top_p, max_new_tokens, budget)
         return ChatStream(self, ids, kwargs, lambda new_ids: self._stats(tokens, n_prompt, new_ids,
                                                                           kwargs["max_new_tokens"], t0))
 
@@ -312,4 +400,5 @@ class ChatStream:
         self._thread.join()
 
 
-__all__ = ["ChatEngine", "ChatStats", "ChatStream", "ImageTokens", "visual_token_summary", "validate_messages"]
+__all__ = ["ChatEngine", "ChatStats", "ChatStream", "ImageTokens", "budget_text", "visual_token_summary",
+           "validate_messages"]

@@ -22,16 +22,17 @@ def segments_from_boundaries(boundaries: torch.Tensor, num_groups: int) -> np.nd
 
 @torch.no_grad()
 def boundary_map(tower, pixel_values: torch.Tensor, image_processor, size: int = 384,
-                 label: bool = False) -> Optional[Image.Image]:
+                 label: bool = False, budget=None) -> Optional[Image.Image]:
     """Render the boundary map of pixel_values [1, 3, H, W]; None for towers that keep every patch.
 
     label: print "G segments / N patches" in the corner (off where a UI shows the count itself).
+    budget: DRIP tokens to keep (llava_drip.drip.budget spec); None: the tower's default, as in generate.
     """
     from llava_drip.inspect.tokens import denormalise, draw_boundary_map
     if not isinstance(tower, DRIPVisionTower):
         return None
     drip = tower.vision_tower
-    feats = drip.forward_features(pixel_values.to(tower.dtype))
+    feats = drip.forward_features(pixel_values.to(tower.dtype), budget=tower.budget if budget is None else budget)
     groups = int(feats.num_groups[0])
     segments = segments_from_boundaries(feats.boundaries[0], groups)
     crop = denormalise(pixel_values[0], image_processor.image_mean, image_processor.image_std)
