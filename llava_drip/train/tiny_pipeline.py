@@ -113,8 +113,6 @@ def build(out: str, n: int = 1500, seed: int = 0, tower: str = "DRIP-4x-tiny", t
                   vision_tower_pretrained=tower_checkpoint, mm_projector_type="mlp2x_gelu",
                   drip_eval_mode=drip_eval_mode,
                   per_device_train_batch_size=16, model_max_length=384)
-    if drip_budget:
-        common["drip_budget"] = drip_budget
     s1 = os.path.join(out, "stage1")
     if not os.path.isfile(os.path.join(s1, "mm_projector.bin")):
         train(_train_args(s1, version="plain", data_path=os.path.join(data, "pretrain.json"),
@@ -122,6 +120,8 @@ def build(out: str, n: int = 1500, seed: int = 0, tower: str = "DRIP-4x-tiny", t
     extra = dict(lora_enable=True, lora_r=16, lora_alpha=32, learning_rate=2e-3) if lora else dict(learning_rate=1e-3)
     if drip_train_budgets:
         extra["drip_train_budgets"] = drip_train_budgets
+    if drip_budget:  # stage 2 only: stage 1 trains the projector on the tower's default
+        extra["drip_budget"] = drip_budget
     train(_train_args(final, version="v1", data_path=os.path.join(data, "finetune.json"),
                       pretrain_mm_mlp_adapter=os.path.join(s1, "mm_projector.bin"), image_aspect_ratio="pad",
                       group_by_modality_length=True, num_train_epochs=stage2_epochs, **extra, **common))
