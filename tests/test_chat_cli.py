@@ -1,4 +1,5 @@
 """`llava-drip chat` as a subprocess: stdin lines in, "ASSISTANT: ..." lines and the token stat out; --budget."""
+import os
 import re
 import subprocess
 import sys
@@ -10,9 +11,9 @@ from tiny_model import tiny_llava  # noqa: F401  (fixture)
 from llava_drip.data.shapes import Scene, render, rng_for
 
 
-def _chat(args, stdin: str = "", timeout: int = 180) -> subprocess.CompletedProcess:
+def _chat(args, stdin: str = "", timeout: int = 180, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llava_drip.cli", "chat", *args], input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_chat_with_image_two_turns(tiny_llava, tmp_path):
@@ -31,6 +32,21 @@ def test_chat_with_image_two_turns(tiny_llava, tmp_path):
     assert [line for line in out if line.startswith("USER: ")] == [
         "USER: What color are the shapes in the image?", "USER: Where are the stars?"]  # blank line skipped
     assert sum(line.startswith("ASSISTANT: ") for line in out) == 2
+
+
+def test_chat_defaults_to_the_builtin_model(tiny_llava, tmp_path):
+    """No --model-path: the built-in model, $LLAVA_DRIP_HOME/tiny-llava/stage2 (here a link to the test model)."""
+    if not os.path.isfile(os.path.join(tiny_llava, "llava_drip_train.json")):
+        pytest.skip("the test model is not a finished tiny_pipeline folder")
+    home = tmp_path / "home"
+    (home / "tiny-llava").mkdir(parents=True)
+    (home / "tiny-llava" / "stage2").symlink_to(tiny_llava)
+    r = _chat(["--temperature", "0", "--max-new-tokens", "2"], "Hello?\n",
+              env=dict(os.environ, LLAVA_DRIP_HOME=str(home)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"no --model-path: using the built-in tiny model {home / 'tiny-llava' / 'stage2'}" in r.stderr
+    out = r.stdout.splitlines()  # stdout stays the conversation
+    assert out[0] == "USER: Hello?" and out[1].startswith("ASSISTANT: ") and len(out) == 2
 
 
 def test_chat_bad_image_fails_before_loading(tmp_path):

@@ -11,7 +11,7 @@ from PIL import Image
 from tiny_model import tiny_engine, tiny_llava  # noqa: F401  (fixtures)
 
 from llava_drip.serve.demo import (MODE_DEFAULT, MODE_EXACT, MODE_MEAN, DemoActions, budget_modes, budget_spec,
-                                   build_demo, example_images)
+                                   build_demo, example_images, model_markdown)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -109,6 +109,18 @@ def test_demo_builds_with_the_budget_control(tiny_engine):
     demo = build_demo(tiny_engine)
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     assert {"drip-budget-mode", "drip-ratio", "drip-tokens", "drip-map"} <= ids
+
+
+def test_demo_says_which_model(tiny_engine, tmp_path, monkeypatch):
+    demo = build_demo(tiny_engine)
+    shown = [b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) == "drip-model"]
+    assert shown == [model_markdown(tiny_engine.model_path)]  # beside the chat
+    from llava_drip.train import tiny_pipeline
+    monkeypatch.setattr(tiny_pipeline, "DEFAULT_CACHE", str(tmp_path / "tiny-llava"))
+    builtin = model_markdown(str(tmp_path / "tiny-llava" / "stage2"))
+    assert "built-in tiny" in builtin and "synthetic" in builtin and "`llava-drip demo --model-path DIR`" in builtin
+    other = model_markdown("/data/checkpoints/llava-drip-4x")
+    assert "llava-drip-4x" in other and "`/data/checkpoints/llava-drip-4x`" in other and "synthetic" not in other
 
 
 # ---- the page in a browser ----------------------------------------------------------------------------

@@ -261,6 +261,36 @@ def test_server_wide_budget(tiny_engine, image_url):
         create_app(tiny_engine, "m", budget=100)
 
 
+@pytest.fixture
+def builtin_folder(tmp_path, monkeypatch):
+    """A stand-in for the built-in model's folder, finished, so nothing is built."""
+    from llava_drip.train import tiny_pipeline
+    cache = tmp_path / "tiny-llava"
+    (cache / "stage2").mkdir(parents=True)
+    (cache / "stage2" / "llava_drip_train.json").write_text("{}")
+    monkeypatch.setattr(tiny_pipeline, "DEFAULT_CACHE", str(cache))
+    return cache / "stage2"
+
+
+def test_default_model_id(builtin_folder, tmp_path, capsys):
+    from llava_drip.serve.api import default_model_id
+    from llava_drip.serve.builtin import resolve_model_path
+    path = resolve_model_path(None)  # no --model-path
+    assert path == str(builtin_folder) and "using the built-in tiny model" in capsys.readouterr().out
+    assert default_model_id(path) == "llava-drip-tiny"
+    assert default_model_id(str(builtin_folder) + "/") == "llava-drip-tiny"  # the same folder, however written
+    assert default_model_id(str(tmp_path / "runs" / "stage2")) == "stage2"  # another model: its folder's name
+
+
+def test_help_says_where_the_builtin_model_is(builtin_folder, capsys):
+    from llava_drip.serve import api
+    with pytest.raises(SystemExit):
+        api.main(["--help"])
+    out = capsys.readouterr().out
+    assert str(builtin_folder) in "".join(out.split())  # argparse wraps the path
+    assert "llava-drip-tiny" in out
+
+
 @pytest.mark.parametrize("budget", ["abc", "1.5", "mean:"])
 def test_bad_budget_flag_fails_at_startup(budget, tmp_path, capsys):
     from llava_drip import cli

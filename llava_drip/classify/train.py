@@ -9,7 +9,11 @@ The head standardises each feature with a parameter-free BatchNorm (batch statis
 training, running statistics at eval, as in MAE's linear probe): raw CLIP features share a
 large common component, and without it one learning rate would not suit every tower.
 Files are written atomically; OUT/metrics.json holds the per-epoch log and the final top-1/top-5.
+torch, open_clip_train and torchvision are imported inside the functions that use them, so `--help`
+answers without them.
 """
+from __future__ import annotations
+
 import argparse
 import json
 import math
@@ -18,33 +22,23 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from open_clip_train.scheduler import cosine_lr
-from open_clip_train.zero_shot import accuracy
-from torchvision.datasets import ImageFolder
-
 from llava_drip.clip.zeroshot import load_model_and_transforms
-from llava_drip.drip.boundary import EVAL_MODES
+from llava_drip.drip.names import EVAL_MODES
 from llava_drip.eval.io_utils import write_json
-from llava_drip.utils import atomic_save_tensors
 
 DEFAULT_LR = {"linear": 1e-2, "finetune": 1e-4}
 
 
-class ClassifierHead(nn.Module):
-    def __init__(self, dim: int, num_classes: int):
-        super().__init__()
-        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
-        self.fc = nn.Linear(dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(x))
+def __getattr__(name: str):
+    if name == "ClassifierHead":  # defined with torch in head.py; reachable here as before
+        from .head import ClassifierHead
+        return ClassifierHead
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _topk(logits: torch.Tensor, target: torch.Tensor) -> List[float]:
     """Correct counts at top-1 and top-5 (top-k capped at the class count), as open_clip_train counts them."""
+    from open_clip_train.zero_shot import accuracy
     return accuracy(logits, target, topk=(1, min(5, logits.shape[1])))
 
 
@@ -56,31 +50,33 @@ def _image_features(visual, images: torch.Tensor, with_aux: bool):
     return visual(images), None, None
 
 
-@torch.no_grad()
 def extract(visual, loader, device) -> Dict[str, torch.Tensor]:
+    import torch
     visual.eval()
     xs, ys, ratios = [], [], []
-    for images, target in loader:
-        f, _, ratio = _image_features(visual, images.to(device), with_aux=False)
-        xs.append(f.float().cpu())
-        ys.append(target)
-        if ratio is not None:
-            ratios.append(float(ratio) * images.shape[0])
-    out = {"x": torch.cat(xs), "y": torch.cat(ys)}
+    with torch.no_grad():
+        for images, target in loader:
+            f, _, ratio = _image_features(visual, images.to(device), with_aux=False)
+            xs.append(f.float().cpu())
+            ys.append(target)
+            if ratio is not None:
+                ratios.append(float(ratio) * images.shape[0])
+        out = {"x": torch.cat(xs), "y": torch.cat(ys)}
     if ratios:
         out["group_ratio"] = sum(ratios) / out["y"].shape[0]
     return out
 
 
-@torch.no_grad()
 def evaluate(visual, head, loader, device) -> Dict:
+    import torch
     visual.eval()
     head.eval()
     top1 = top5 = n = 0.0
-    for images, target in loader:
-        f, _, _ = _image_features(visual, images.to(device), with_aux=False)
-        a1, a5 = _topk(head(f.float()), target.to(device))
-        top1, top5, n = top1 + a1, top5 + a5, n + target.shape[0]
+    with torch.no_grad():
+        for images, target in loader:
+            f, _, _ = _image_features(visual, images.to(device), with_aux=False)
+            a1, a5 = _topk(head(f.float()), target.to(device))
+            top1, top5, n = top1 + a1, top5 + a5, n + target.shape[0]
     return {"top1": top1 / n, "top5": top5 / n}
 
 
@@ -93,6 +89,15 @@ def _check_folders(train: ImageFolder, val: ImageFolder, train_dir, val_dir):
 
 
 def run(args) -> Dict:
+    import torch
+    import torch.nn.functional as F
+    from open_clip_train.scheduler import cosine_lr
+    from torchvision.datasets import ImageFolder
+
+    from llava_drip.utils import atomic_save_tensors
+
+    from .head import ClassifierHead
+
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.mode]

@@ -9,6 +9,7 @@ which then loads everywhere as before: clip-train resume, zeroshot, tokens, LLaV
         [--target 0.25] [--out calibrated.pt] [--eval more_images/] [--json report.json]
 
 clip-train calls `calibrate_checkpoint` on its final checkpoint when held-out images are at hand.
+torch is imported inside the functions that use it, so `--help` answers without it.
 """
 import argparse
 import csv
@@ -18,8 +19,6 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import torch
-
 _logger = logging.getLogger(__name__)
 
 CALIB_KEYS = ("visual.calib_quantiles", "visual.calib_target")
@@ -28,6 +27,7 @@ CALIB_KEYS = ("visual.calib_quantiles", "visual.calib_target")
 def count_distribution(counts: Sequence[int], num_patches: int, bins: int = 10) -> Dict:
     """mean / std / min / max of per-image token counts, as counts and as a share of the patches,
     plus a histogram over [0, N] in `bins` equal bins."""
+    import torch
     t = torch.tensor(list(counts), dtype=torch.float64)
     if t.numel() == 0:
         raise ValueError("no images")
@@ -66,6 +66,7 @@ def image_files(paths: Sequence[str]) -> List[Path]:
 
 
 def _batches(files: Sequence[Path], preprocess, batch_size: int, skipped: List[str]):
+    import torch
     from llava_drip.inspect.tokens import load_image
     chunk = []
     for f in files:
@@ -81,19 +82,21 @@ def _batches(files: Sequence[Path], preprocess, batch_size: int, skipped: List[s
         yield torch.stack(chunk)
 
 
-@torch.no_grad()
 def token_counts(tower, files: Sequence[Path], preprocess, budget=None, batch_size: int = 32,
                  skipped: Optional[List[str]] = None) -> List[int]:
     """Visual tokens per readable image; unreadable ones are appended to `skipped`."""
+    import torch
     skipped = [] if skipped is None else skipped
     counts = []
-    for x in _batches(files, preprocess, batch_size, skipped):
-        counts += [t.shape[0] for t in tower.encode_tokens(x.to(next(tower.parameters()).dtype), budget=budget)]
+    with torch.no_grad():
+        for x in _batches(files, preprocess, batch_size, skipped):
+            counts += [t.shape[0] for t in tower.encode_tokens(x.to(next(tower.parameters()).dtype), budget=budget)]
     return counts
 
 
 def _write_calibration(path: str, tower, out: Optional[str]):
     """Put the tower's calibration buffers into the checkpoint file (torch or safetensors), atomically."""
+    import torch
     from llava_drip.utils import atomic_save_tensors
     target = out or path
     values = {"visual.calib_quantiles": tower.calib_quantiles.detach().cpu().clone(),

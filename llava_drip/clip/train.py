@@ -1,6 +1,6 @@
 """`llava-drip clip-train`: contrastive pretraining on open_clip_train's own main(), DRIP models included.
 
-Every open_clip_train flag keeps its meaning; this layer parses DRIP's extra flags, then calls
+Every open_clip_train flag keeps its meaning; this layer parses DRIP's extra flags (params.py), then calls
 `open_clip_train.main.main(rest)`. It changes no open_clip_train code. Instead it swaps, for the
 duration of that call only, names that open_clip_train.main looks up when it runs:
 
@@ -15,7 +15,6 @@ The schedule is kept in the checkpoint itself: open_clip_train saves `optimizer.
 which carries every key of each param group, so `param_groups[0]["drip_schedule"]` travels with
 epoch_N.pt without touching how open_clip_train saves.
 """
-import argparse
 import contextlib
 import logging
 import math
@@ -35,12 +34,12 @@ from open_clip_train.distributed import is_master
 from open_clip_train.params import parse_args as oc_parse_args
 
 import llava_drip.drip as drip
-from llava_drip.drip.boundary import EVAL_MODES
 from llava_drip.eval.io_utils import write_json
 
 from .data import CheckedCsvDataset
 from .loss import DRIPLoss
 from .monitor import NonFiniteLossError, StepMonitor, instrument_optimizer
+from .params import build_parser, print_help
 from .zeroshot import count_class_folders, read_classnames, read_templates
 
 _logger = logging.getLogger(__name__)
@@ -58,40 +57,6 @@ class DataError(RuntimeError):
 
 class _StopRun(Exception):
     """--stop-after-epoch reached: the checkpoint of that epoch is saved, end this invocation."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="llava-drip clip-train", add_help=False, allow_abbrev=False,
-        description="Contrastive pretraining with open_clip_train's own training loop. Any open_clip_train "
-        "flag (--train-data, --dataset-type, --batch-size, --epochs, --lr, --warmup, --precision, "
-        "--grad-clip-norm, --resume latest, --logs, --name, --zeroshot-frequency, --imagenet-val, "
-        "--report-to, --workers, ...) is passed through unchanged. DRIP flags:")
-    p.add_argument("--drip-loss-weight", type=float, default=1.0,
-                   help="weight of the boundary (binomial prior) loss added to the contrastive loss (default 1.0)")
-    p.add_argument("--drip-eval-mode", choices=EVAL_MODES, default=None,
-                   help="boundaries at eval time (zero-shot): calibrated (falls back to threshold until the run's "
-                   "end calibrates the checkpoint), threshold, topk or sample; default: the model config's")
-    p.add_argument("--force-schedule-change", action="store_true",
-                   help="allow --resume with different lr/warmup/epochs/samples/batch size/world size")
-    p.add_argument("--max-skipped-steps", type=int, default=10,
-                   help="stop after this many consecutive steps with a non-finite loss (default 10)")
-    p.add_argument("--stop-after-epoch", type=int, default=None,
-                   help="end this invocation once epoch E is trained and saved; the LR schedule still spans "
-                   "--epochs, so `--resume latest` continues it exactly")
-    p.add_argument("--zeroshot-classnames", default=None,
-                   help="class names for the in-training zero-shot on --imagenet-val (one per line, sorted folder "
-                   "order); default: ImageNet's 1000")
-    p.add_argument("--zeroshot-templates", default=None,
-                   help="prompt templates with {} for the in-training zero-shot; default: OpenAI's ImageNet templates")
-    p.add_argument("--drip-calibration-data", nargs="+", default=None, metavar="IMAGES",
-                   help="held-out images (files, folders or an open_clip CSV) on which the final checkpoint's "
-                   "'calibrated' boundaries are fitted; default: --imagenet-val, else --val-data")
-    p.add_argument("--drip-calibration-target", type=float, default=None,
-                   help="mean visual tokens per patch the calibration aims at (default: the model's prior p)")
-    p.add_argument("--no-csv-check", action="store_true",
-                   help="skip the up-front image check of CSV rows (open_clip_train's behaviour: a bad row crashes)")
-    return p
 
 
 def _is_drip_name(name: str) -> bool:
@@ -339,12 +304,9 @@ def _fail(msg: str):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     if "-h" in argv or "--help" in argv:
-        parser.print_help()
-        print("\nopen_clip_train flags (passed through unchanged):\n")
-        oc_parse_args(["--help"])  # prints open_clip_train's own help and exits
-    opts, rest = parser.parse_known_args(argv)
+        print_help()  # ours, then open_clip_train's own; exits
+    opts, rest = build_parser().parse_known_args(argv)
     oc_args = oc_parse_args(rest)  # the parser open_clip_train will use: a bad flag fails here, before any work
 
     if _is_drip_name(oc_args.model):

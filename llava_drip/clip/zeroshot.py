@@ -3,6 +3,8 @@
 The classifier comes from open_clip's `build_zero_shot_classifier` (mean of normalised prompt
 embeddings per class). Class i is the i-th class folder in sorted order, as torchvision's
 ImageFolder numbers them, so a class-name file must list names in that order.
+torch, open_clip and torchvision are imported inside the functions that use them, so `--help` answers
+without them.
 """
 import argparse
 import json
@@ -12,13 +14,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import torch
-from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
-from open_clip_train.zero_shot import accuracy
-from torchvision.datasets import ImageFolder
-
 import llava_drip.drip as drip
-from llava_drip.drip.boundary import EVAL_MODES
+from llava_drip.drip.names import EVAL_MODES
 
 _logger = logging.getLogger(__name__)
 
@@ -54,44 +51,49 @@ def count_class_folders(root) -> int:
     return sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-@torch.no_grad()
 def zero_shot_accuracy(model, preprocess, tokenizer, data_dir, classnames: Sequence[str], templates: Sequence,
                        batch_size: int = 64, workers: int = 0, device="cpu", predictions: bool = False) -> Dict:
     """Top-1 / top-5 (fractions) over an ImageFolder, plus DRIP's realised ratios when the model reports them.
 
     With `predictions`, also the per-image top-1 class index and label ("pred", "target")."""
-    dataset = ImageFolder(str(data_dir), transform=preprocess)
-    if len(dataset.classes) != len(classnames):
-        raise ValueError(f"{data_dir}: {len(dataset.classes)} class folders but {len(classnames)} class names; "
-                         "pass a class-name file with one name per folder, in sorted folder order")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    model.eval()
-    classifier = build_zero_shot_classifier(model, tokenizer=tokenizer, classnames=list(classnames),
-                                            templates=list(templates), num_classes_per_batch=10, device=device)
-    top1 = top5 = n = 0.0
-    ratio_sums = {"boundary_ratio": 0.0, "group_ratio": 0.0}
-    has_ratio = False
-    k5 = min(5, len(classnames))
-    preds, targets = [], []
-    for images, target in loader:
-        images, target = images.to(device), target.to(device)
-        out = model(image=images)
-        logits = 100.0 * out["image_features"] @ classifier
-        a1, a5 = accuracy(logits, target, topk=(1, k5))
+    import torch
+    from open_clip import build_zero_shot_classifier
+    from open_clip_train.zero_shot import accuracy
+    from torchvision.datasets import ImageFolder
+
+    with torch.no_grad():
+        dataset = ImageFolder(str(data_dir), transform=preprocess)
+        if len(dataset.classes) != len(classnames):
+            raise ValueError(f"{data_dir}: {len(dataset.classes)} class folders but {len(classnames)} class names; "
+                             "pass a class-name file with one name per folder, in sorted folder order")
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+        model.eval()
+        classifier = build_zero_shot_classifier(model, tokenizer=tokenizer, classnames=list(classnames),
+                                                templates=list(templates), num_classes_per_batch=10, device=device)
+        top1 = top5 = n = 0.0
+        ratio_sums = {"boundary_ratio": 0.0, "group_ratio": 0.0}
+        has_ratio = False
+        k5 = min(5, len(classnames))
+        preds, targets = [], []
+        for images, target in loader:
+            images, target = images.to(device), target.to(device)
+            out = model(image=images)
+            logits = 100.0 * out["image_features"] @ classifier
+            a1, a5 = accuracy(logits, target, topk=(1, k5))
+            if predictions:
+                preds += logits.argmax(dim=1).tolist()
+                targets += target.tolist()
+            top1, top5, n = top1 + a1, top5 + a5, n + images.shape[0]
+            for key in ratio_sums:
+                if key in out:
+                    has_ratio = True
+                    ratio_sums[key] += float(out[key]) * images.shape[0]
+        result = {"top1": top1 / n, "top5": top5 / n, "num_images": int(n), "num_classes": len(classnames)}
+        if has_ratio:
+            result.update({k: v / n for k, v in ratio_sums.items()})
         if predictions:
-            preds += logits.argmax(dim=1).tolist()
-            targets += target.tolist()
-        top1, top5, n = top1 + a1, top5 + a5, n + images.shape[0]
-        for key in ratio_sums:
-            if key in out:
-                has_ratio = True
-                ratio_sums[key] += float(out[key]) * images.shape[0]
-    result = {"top1": top1 / n, "top5": top5 / n, "num_images": int(n), "num_classes": len(classnames)}
-    if has_ratio:
-        result.update({k: v / n for k, v in ratio_sums.items()})
-    if predictions:
-        result.update(pred=preds, target=targets)
-    return result
+            result.update(pred=preds, target=targets)
+        return result
 
 
 def load_model_and_transforms(model_name: str, checkpoint: Optional[str], eval_mode: Optional[str] = None):
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
     try:
         classnames = read_classnames(args.classnames) if args.classnames else list(IMAGENET_CLASSNAMES)
         templates = read_templates(args.templates) if args.templates else list(OPENAI_IMAGENET_TEMPLATES)

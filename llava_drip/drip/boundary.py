@@ -10,9 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# calibrated: the cut on the logits whose mean count over held-out images is the tower's calibration
-# target (budget.py); threshold: each token's mode (logit > 0); topk: round(p N) per image; sample: seeded
-EVAL_MODES = ("calibrated", "threshold", "topk", "sample")
+from .names import EVAL_MODES  # defined there, without torch, for the command line
 
 
 class BoundaryPredictor(nn.Module):

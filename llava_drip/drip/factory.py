@@ -4,11 +4,9 @@
 name (ViT-B-32, ViT-tiny, ...) goes to open_clip unchanged, so open_clip_train can call either.
 """
 import copy
-import json
 import logging
 import os
 import re
-from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 import open_clip
@@ -16,24 +14,12 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from .model import DRIPCLIP
+# the names live in a module without torch or open_clip, for the command line's parsers
+from .names import BASELINES, CONFIG_DIR, cli_models, list_models  # noqa: F401  (public here too)
 
 _logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
-# open_clip's own configs that the project treats as its baselines
-BASELINES = ("ViT-B-32", "ViT-B-16")
-
 open_clip.add_model_config(CONFIG_DIR)
-
-
-def _natural_key(s: str):
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
-
-
-def list_models():
-    """Every model name this project registers: its JSON configs plus open_clip's ViT baselines."""
-    names = {p.stem for p in CONFIG_DIR.glob("*.json")} | set(BASELINES)
-    return sorted(names, key=_natural_key)
 
 
 def get_model_config(name: str) -> dict:
@@ -213,27 +199,3 @@ def create_model_and_transforms(
 
 def get_tokenizer(model_name: str):
     return open_clip.get_tokenizer(model_name)
-
-
-def cli_models(argv) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(prog="llava-drip models", description="list registered model names")
-    parser.add_argument("--json", action="store_true", help="print name, kind and key sizes as JSON")
-    args = parser.parse_args(argv)
-    rows = []
-    for name in list_models():
-        cfg = get_model_config(name)
-        v, d = cfg["vision_cfg"], cfg.get("drip_cfg")
-        rows.append({"model": name, "kind": "drip" if d else "vit", "image_size": v["image_size"],
-                     "patch_size": v["patch_size"], "width": v["width"], "layers": v["layers"],
-                     "prior": d["prior"] if d else None,
-                     "depth": f"{d['pre_layers']}+{d['post_layers']}" if d else str(v["layers"])})
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(f"{'model':<20} {'kind':<5} {'img':>4} {'patch':>5} {'width':>5} {'depth':>6} {'prior':>6}")
-        for r in rows:
-            prior = "" if r["prior"] is None else f"{r['prior']:.2f}"
-            print(f"{r['model']:<20} {r['kind']:<5} {r['image_size']:>4} {r['patch_size']:>5} {r['width']:>5} "
-                  f"{r['depth']:>6} {prior:>6}")
-    return 0

@@ -12,7 +12,10 @@ Timing is round-robin (every config once per round, median over rounds), so a sl
 machine load hits baseline and DRIP rows alike. The FLOP ratio of a row is the baseline's GFLOPs
 over the mean per-image DRIP GFLOPs at the groups it actually realised (analytic count, which
 matches fvcore); achieved = measured speedup / FLOP ratio.
+torch is imported inside the functions that use it, so `--help` answers without it.
 """
+from __future__ import annotations
+
 import argparse
 import json
 import math
@@ -22,11 +25,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-import torch
-
-from ..drip.factory import get_model_config, is_drip, list_models
-from ..drip.tower import DRIPVisionTransformer
-from ..utils import PeakMemory, cpu_name
+from ..drip.names import list_models
 from .flops import analytic_macs, build_tower
 
 DEFAULT_MODELS = ("ViT-B-32", "DRIP-2x-32", "DRIP-4x-32", "DRIP-10x-32")
@@ -34,6 +33,7 @@ DEFAULT_MODELS = ("ViT-B-32", "DRIP-2x-32", "DRIP-4x-32", "DRIP-10x-32")
 
 def baseline_for(name: str) -> str:
     """The registered plain ViT with the same patch size, width and resolution as a DRIP model."""
+    from ..drip.factory import get_model_config, is_drip
     v = get_model_config(name)["vision_cfg"]
     for cand in list_models():
         if is_drip(cand):
@@ -47,6 +47,7 @@ def baseline_for(name: str) -> str:
 # ---- measurement helpers ---------------------------------------------------------------------------------
 def _sync(device: torch.device):
     if device.type == "cuda":
+        import torch
         torch.cuda.synchronize(device)
 
 
@@ -102,6 +103,7 @@ class Config:
         return self.model if self.boundaries is None else f"{self.model}/{self.boundaries}/{self.impl}"
 
     def prepare(self, override: Optional[torch.Tensor]):
+        from ..drip.tower import DRIPVisionTransformer
         if isinstance(self.tower, DRIPVisionTransformer):
             self.tower.attn_impl = self.impl
             self.tower.boundary_override = override if self.boundaries == "bernoulli" else None
@@ -110,6 +112,10 @@ class Config:
 def run_bench(models=DEFAULT_MODELS, batch_sizes=(1, 16, 64), impls=("padded", "packed"),
               boundaries=("topk", "bernoulli"), warmup: int = 1, iters: int = 3, device: str = "auto",
               dtype: str = "auto", seed: int = 0, progress=None) -> dict:
+    import torch
+    from ..drip.factory import is_drip
+    from ..drip.tower import DRIPVisionTransformer
+    from ..utils import PeakMemory, cpu_name
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     if dtype == "auto":
@@ -286,6 +292,7 @@ def main(argv=None) -> int:
         print(f"llava-drip bench encoder: unknown --impl/--boundaries value(s) {bad}", file=sys.stderr)
         return 2
     if args.threads:
+        import torch
         torch.set_num_threads(args.threads)
     result = run_bench(args.model, _csv(args.batch_sizes, int), impls, bnds, args.warmup, args.iters,
                        args.device, args.dtype, args.seed, progress=lambda s: print(s, file=sys.stderr, flush=True))

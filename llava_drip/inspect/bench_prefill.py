@@ -127,7 +127,6 @@ def format_table(rows) -> str:
 
 
 def main(argv=None) -> int:
-    import torch
     p = argparse.ArgumentParser(prog="llava-drip bench prefill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--towers", default="ViT-B-16,DRIP-2x-16,DRIP-4x-16,DRIP-10x-16",
@@ -136,10 +135,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--text-tokens", type=int, default=32, help="prompt tokens besides the image")
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", help="also write the rows as JSON here")
     args = p.parse_args(argv)
+    if args.device is None:  # torch only now: --help answers without it
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     llm = args.llm or ("7b" if args.device == "cuda" else "small")
     rows = run(args.towers.split(","), llm, args.batch_size, args.text_tokens, args.iters, args.device)
     if args.out:

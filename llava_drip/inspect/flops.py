@@ -10,7 +10,11 @@ predictor running and the boundaries replaced by evenly spaced ones giving the t
 `analytic_macs` counts the same thing from the config alone; the two agree for every registered
 model (tests/test_flops.py). `--seed-compat` re-applies the reference repository's counting
 rules to our towers and itemises how each rule moves the number.
+
+torch and the towers are imported inside the functions that use them, so `--help` answers without them.
 """
+from __future__ import annotations
+
 import argparse
 import inspect
 import json
@@ -19,13 +23,7 @@ import sys
 import warnings
 from typing import Dict, List, Optional, Sequence
 
-import torch
-import torch.nn as nn
-
-from ..drip import boundary as _boundary
-from ..drip.factory import get_model_config, is_drip, list_models
-from ..drip.model import build_drip_tower
-from ..drip.tower import DRIPVisionTransformer
+from ..drip.names import list_models
 
 LN_FLOPS_PER_ELEMENT = 5  # fvcore's estimate for an affine layer norm
 
@@ -68,6 +66,9 @@ def build_tower(name: str, image_size: Optional[int] = None, random_init: bool =
     FLOPs do not depend on weight values (boundaries are always overridden when counting), so by
     default the tower is built on the meta device and zero-filled: seconds faster per model.
     """
+    import torch
+    from ..drip.factory import get_model_config, is_drip
+    from ..drip.model import build_drip_tower
     if not random_init:
         with torch.device("meta"):
             tower = build_tower(name, image_size, random_init=True, **drip_overrides)
@@ -109,6 +110,7 @@ def groups_for_ratio(ratio: float, num_patches: int) -> int:
 # ---- fvcore counting ---------------------------------------------------------------------------------
 def fvcore_analysis(tower: nn.Module, image_size: int, with_attention: bool = True):
     """FlopCountAnalysis of one image through `tower`, in eval mode under no_grad (the seed's setting)."""
+    import torch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # fvcore touches the deprecated torch.jit.script
         from fvcore.nn import FlopCountAnalysis
@@ -128,6 +130,7 @@ def fvcore_analysis(tower: nn.Module, image_size: int, with_attention: bool = Tr
 
 def _drip_groups(tower: DRIPVisionTransformer, boundaries: torch.Tensor) -> int:
     """Groups the tower keeps for this boundary pattern under its tail semantics (no forward needed)."""
+    import torch
     from ..drip.pooling import group_mean_pool
     pooled = group_mean_pool(torch.zeros(1, tower.num_patches, 1), boundaries, cover_tail=tower.cover_tail)
     return int(pooled.valid.sum())
@@ -135,6 +138,7 @@ def _drip_groups(tower: DRIPVisionTransformer, boundaries: torch.Tensor) -> int:
 
 def count_drip(tower: DRIPVisionTransformer, groups: int):
     """fvcore analysis of a DRIP tower with `groups` evenly spaced segments (predictor still runs)."""
+    from ..drip import boundary as _boundary
     pattern = _boundary.even_boundaries(1, tower.num_patches, groups)
     tower.boundary_override = pattern
     try:
@@ -159,6 +163,7 @@ def _add(total: Dict[str, int], part: Dict[str, int], times: int = 1):
 
 
 def _drip_defaults() -> dict:
+    from ..drip.tower import DRIPVisionTransformer
     return {k: p.default for k, p in inspect.signature(DRIPVisionTransformer.__init__).parameters.items()
             if p.default is not inspect.Parameter.empty}
 
@@ -170,6 +175,7 @@ def analytic_macs(name: str, groups: Optional[int] = None, image_size: Optional[
 
     DRIP: `groups` segments after pooling (default: the target round(p N)); ViT: open_clip's tower.
     """
+    from ..drip.factory import get_model_config, is_drip
     cfg = get_model_config(name)
     v = dict(cfg["vision_cfg"])
     if image_size is not None:
@@ -225,6 +231,8 @@ def seed_compat(name: str, tower: nn.Module, correct: int, analysis=None) -> dic
     boundary predictor bypassed, no ln_pre, and norm1 applied three times per block (query, key
     and value were each normalised separately).
     """
+    import torch
+    from ..drip.tower import DRIPVisionTransformer
     diffs = []
     if isinstance(tower, DRIPVisionTransformer):
         n = tower.num_patches
@@ -271,6 +279,8 @@ def count_model(name: str, image_size: Optional[int] = None, groups: Optional[in
 
     DRIP runs at `groups`, else at `ratio` (G/N or a compression rate), else at its target.
     """
+    from ..drip import boundary as _boundary
+    from ..drip.tower import DRIPVisionTransformer
     tower = tower if tower is not None else build_tower(name, image_size, **drip_overrides)
     size = _image_size(tower)
     row = {"model": name, "image_size": size}
@@ -311,6 +321,7 @@ def plot_flops(path: str, rows: Optional[Sequence[dict]] = None, image_size: Opt
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from ..drip.factory import get_model_config, is_drip
 
     names = [n for n in list_models() if not n.endswith("tiny")]
     if rows is None:
@@ -402,6 +413,7 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", default=None, metavar="PNG",
                         help="write the FLOP analysis figure (GFLOPs vs compression rate) to this path")
     args = parser.parse_args(argv)
+    from ..drip.factory import is_drip
 
     # default: every non-tiny model, baselines first
     names = args.model or sorted((n for n in list_models() if not n.endswith("tiny")), key=is_drip)

@@ -4,7 +4,10 @@ and optionally a boundary map: the model's input crop with each segment coloured
 Images go through the model's own eval transform (resize shortest side, centre crop, normalise), so
 the counts and maps are for exactly what the tower sees. Any PIL-readable file of any mode works;
 an unreadable one is reported by name and the run goes on (exit status 1 at the end).
+torch and the model load inside the functions that need them, so `--help` answers without them.
 """
+from __future__ import annotations
+
 import argparse
 import colorsys
 import json
@@ -13,12 +16,9 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from ..drip import create_model_and_transforms, is_drip, list_models
-from ..drip.boundary import EVAL_MODES
-from ..drip.tower import DRIPVisionTransformer
+from ..drip.names import EVAL_MODES, list_models
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -87,6 +87,7 @@ def segment_colours(n: int) -> List[Tuple[int, int, int]]:
 
 def denormalise(x: torch.Tensor, mean=OPENAI_MEAN, std=OPENAI_STD) -> Image.Image:
     """[3, H, W] normalised tensor -> the RGB crop the model saw."""
+    import torch
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     arr = ((x.float().cpu() * s + m).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
@@ -147,6 +148,8 @@ class TokenCounter:
     def __init__(self, model_name: str, checkpoint: Optional[str] = None, eval_mode: Optional[str] = None,
                  device: str = "cpu", budget=None):
         from ..drip.budget import parse_budget
+        from ..drip.factory import create_model_and_transforms, is_drip
+        from ..drip.tower import DRIPVisionTransformer
         self.budget = parse_budget(budget)
         if self.budget is not None and not is_drip(model_name):
             raise ValueError(f"--budget applies to DRIP models; {model_name} is a plain ViT")
@@ -166,14 +169,15 @@ class TokenCounter:
         self.grid = (int(grid[0]), int(grid[1]))
         self.num_patches = self.grid[0] * self.grid[1]
 
-    @torch.no_grad()
     def count(self, pixels: torch.Tensor) -> List[dict]:
         """pixels [B, 3, H, W] -> per image {visual_tokens, boundaries, segments [N] (-1 = dropped)}."""
+        import torch
         x = pixels.to(self.device, dtype=next(self.tower.parameters()).dtype)
         if not self.is_drip:
             return [{"visual_tokens": self.num_patches, "boundaries": None,
                      "segments": np.arange(self.num_patches)} for _ in range(x.shape[0])]
-        feats = self.tower.forward_features(x, budget=self.budget)
+        with torch.no_grad():
+            feats = self.tower.forward_features(x, budget=self.budget)
         groups = feats.num_groups.cpu()
         b = feats.boundaries.detach().float().cpu()
         sigma = (torch.cumsum(b, 1) - b).round().long()
@@ -234,6 +238,7 @@ def main(argv=None) -> int:
     if outdir:
         outdir.mkdir(parents=True, exist_ok=True)
 
+    import torch
     from tqdm import tqdm
     bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=args.no_progress or not any_dir,
                desc=f"tokens {args.model}")

@@ -10,6 +10,9 @@ they were kept at. A request picks the budget with the extra field `drip_budget`
 
 With an API key configured (the env var named by --api-key-env) every request needs
 `Authorization: Bearer <key>`; the key is never printed or logged.
+
+Without --model-path it serves the built-in tiny model (llava_drip/serve/builtin.py) as `llava-drip-tiny`;
+another folder is served under its own name unless --model-name says otherwise.
 """
 import argparse
 import base64
@@ -26,10 +29,10 @@ from typing import Iterator, Optional, Tuple
 
 from PIL import Image
 
-from llava_drip.drip.budget import Budget, parse_budget
-
+# the engine and the budgets load torch: imported where used (quoted in annotations; not `from __future__
+# import annotations`, which would hide the routes' types from FastAPI), so `--help` answers without torch
+from .builtin import BUILTIN_MODEL_ID, is_builtin, model_path_help, resolve_model_path
 from .cli import BUDGET_HELP
-from .engine import ChatEngine, ChatStats, budget_text
 
 _logger = logging.getLogger(__name__)
 
@@ -122,7 +125,7 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
     return value
 
 
-def parse_budget_field(value) -> Optional[Budget]:
+def parse_budget_field(value) -> Optional["Budget"]:
     """The request's `drip_budget`: a spec string ("0.25", "16", "mean:0.25") or a JSON number (an
     integer is a count, a fraction a ratio); null or absent: the server's default."""
     if value is None:
@@ -130,6 +133,7 @@ def parse_budget_field(value) -> Optional[Budget]:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise APIError(400, f"drip_budget must be a string or a number (0.25, 16, \"mean:0.25\"), got {value!r}",
                        "drip_budget")
+    from llava_drip.drip.budget import parse_budget
     try:
         return parse_budget(value)
     except ValueError as e:
@@ -159,7 +163,7 @@ def parse_request(body) -> dict:
 
 
 # ---- responses ---------------------------------------------------------------------------------------
-def usage_fields(stats: ChatStats) -> dict:
+def usage_fields(stats: "ChatStats") -> dict:
     return {"usage": {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
                       "total_tokens": stats.prompt_tokens + stats.generated_tokens},
             "visual_tokens": {"in": stats.visual_tokens_in, "out": stats.visual_tokens_out, "budget": stats.budget}}
@@ -193,7 +197,7 @@ def stream_events(stream, model_id: str, include_usage: bool) -> Iterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def create_app(engine: ChatEngine, model_id: str, api_key: Optional[str] = None, budget=None):
+def create_app(engine: "ChatEngine", model_id: str, api_key: Optional[str] = None, budget=None):
     """The FastAPI app. api_key None or empty: no authentication. budget: the DRIP budget of requests
     without `drip_budget` (None: the model's default); ValueError if the model cannot serve it."""
     from fastapi import Depends, FastAPI, Request
@@ -267,12 +271,21 @@ def create_app(engine: ChatEngine, model_id: str, api_key: Optional[str] = None,
     return app
 
 
+def default_model_id(model_path: str) -> str:
+    """The id clients send without --model-name: llava-drip-tiny for the built-in model, else the folder's name."""
+    if is_builtin(model_path):
+        return BUILTIN_MODEL_ID
+    from llava_drip.mm_utils import get_model_name_from_path
+    return get_model_name_from_path(model_path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="llava-drip serve-api", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", required=True, help="model folder (full, LoRA or projector checkpoint)")
+    p.add_argument("--model-path", default=None, help=model_path_help())
     p.add_argument("--model-base", default=None, help="base LLM for LoRA / projector checkpoints")
-    p.add_argument("--model-name", default=None, help="model id clients send (default: the folder's name)")
+    p.add_argument("--model-name", default=None, help=f"model id clients send (default: {BUILTIN_MODEL_ID} for "
+                   "the built-in model, else the folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it on the network)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at startup)")
     p.add_argument("--api-key-env", default="LLAVA_DRIP_API_KEY",
@@ -282,6 +295,7 @@ def main(argv=None) -> int:
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     args = p.parse_args(argv)
     prog = "llava-drip serve-api"
+    from llava_drip.drip.budget import parse_budget
     try:  # before loading the model: a typo fails in a second
         budget = parse_budget(args.budget)
     except ValueError as e:
@@ -289,10 +303,12 @@ def main(argv=None) -> int:
         return 2
 
     import uvicorn
-    from llava_drip.mm_utils import get_model_name_from_path
+
+    from .engine import ChatEngine, budget_text
+    model_path = resolve_model_path(args.model_path)
     api_key = os.environ.get(args.api_key_env) or None
-    model_id = args.model_name or get_model_name_from_path(args.model_path)
-    engine = ChatEngine(args.model_path, model_base=args.model_base, device=args.device)
+    model_id = args.model_name or default_model_id(model_path)
+    engine = ChatEngine(model_path, model_base=args.model_base, device=args.device)
     try:
         app = create_app(engine, model_id, api_key, budget)
     except ValueError as e:  # a budget this model cannot serve
@@ -300,7 +316,7 @@ def main(argv=None) -> int:
         return 2
     auth = f"API key required (from ${args.api_key_env})" if api_key else f"no API key (${args.api_key_env} is unset)"
     shown = engine.budget_label(budget_text(budget))
-    print(f"serving {model_id!r} from {args.model_path}; {auth}; DRIP budget {shown}", flush=True)
+    print(f"serving {model_id!r} from {model_path}; {auth}; DRIP budget {shown}", flush=True)
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: {args.host} is reachable from other machines and no API key is set", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

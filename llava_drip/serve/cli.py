@@ -2,12 +2,15 @@
 
 Reads one user message per line from stdin until EOF (Ctrl-D), streaming each answer after
 "ASSISTANT: ". With --image-file the image goes into the first turn, and the number of visual
-tokens DRIP kept for it (at --budget) is printed once before the chat starts.
+tokens DRIP kept for it (at --budget) is printed once before the chat starts. Without --model-path it
+chats with the built-in tiny model, building it on first use.
 """
 import argparse
 import sys
 
 from PIL import Image
+
+from .builtin import model_path_help, resolve_model_path
 
 BUDGET_HELP = ("DRIP visual tokens per image, three forms: a ratio 0.25 (exactly round(0.25 N) of the N patches), "
                "a count 16 (exactly 16), or mean:0.25 (the calibrated cut: 0.25 N on average, each image its own "
@@ -17,7 +20,7 @@ BUDGET_HELP = ("DRIP visual tokens per image, three forms: a ratio 0.25 (exactly
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="llava-drip chat", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", required=True, help="model folder (full, LoRA or projector checkpoint)")
+    p.add_argument("--model-path", default=None, help=model_path_help())
     p.add_argument("--model-base", default=None, help="base LLM for LoRA / projector checkpoints")
     p.add_argument("--image-file", default=None, help="image for the conversation (any format PIL reads)")
     p.add_argument("--temperature", type=float, default=0.2, help="0 for greedy decoding")
@@ -45,8 +48,9 @@ def main(argv=None) -> int:
         except OSError as e:  # missing file, or not an image PIL can read
             print(f"{prog}: cannot read image {args.image_file}: {e}", file=sys.stderr)
             return 2
+    model_path = resolve_model_path(args.model_path, file=sys.stderr)  # stdout is the conversation
     from .engine import ChatEngine, visual_token_summary  # after the image check: a bad path fails fast
-    engine = ChatEngine(args.model_path, model_base=args.model_base, device=args.device,
+    engine = ChatEngine(model_path, model_base=args.model_base, device=args.device,
                         conv_template=args.conv_mode)
     try:  # what only the model can tell: a DRIP tower, enough patches, calibrated for a mean
         budget = engine.resolve_budget(budget)

@@ -4,8 +4,11 @@ Upload an image (it starts a new conversation, as in LLaVA's demo), ask question
 token count and the boundary map of the image. The budget control under the image re-pools it at
 another visual-token budget (exactly r N tokens, or r N on average) without retraining, and the next
 answer uses it. Without --model-path it serves the built-in tiny model, building it on first use (a
-few minutes on CPU, cached in llava_drip.train.tiny_pipeline.DEFAULT_CACHE).
+few minutes on CPU, cached in llava_drip.train.tiny_pipeline.DEFAULT_CACHE); the page says which model
+it serves, and that the built-in one knows only synthetic shape scenes.
 """
+from __future__ import annotations
+
 import argparse
 import os
 import sys
@@ -14,10 +17,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from PIL import Image
 
-from llava_drip.drip.budget import Budget
-
-from .engine import ChatEngine, ChatStats, budget_text, visual_token_summary
-from .viz import boundary_map
+# the engine and the budgets load torch, gradio takes seconds too: imported where used, so `--help` is fast
+from .builtin import is_builtin, model_path_help, resolve_model_path
 
 EXAMPLE_QUESTIONS = ("What color are the shapes in the image?", "Where is the hexagon located?",
                      "Give a detailed description of the image.")
@@ -45,6 +46,16 @@ def example_images(out_dir: str, size: int = 224) -> List[Tuple[str, str]]:
     return out
 
 
+def model_markdown(model_path: str) -> str:
+    """What the page says about the loaded model: the built-in one's limits, or another folder's name."""
+    if is_builtin(model_path):
+        return ("**Model: the built-in tiny LLaVA-DRIP**, trained in minutes on CPU on synthetic scenes of "
+                "coloured shapes only. It answers any image, a real photo too, with talk of shapes and colours. "
+                "To chat about real images, load a real checkpoint: `llava-drip demo --model-path DIR`.")
+    name = os.path.basename(os.path.normpath(model_path))
+    return f"**Model: {name}** (`{model_path}`)"
+
+
 def _stats_markdown(summary: str, stats: Optional[ChatStats] = None) -> str:
     text = f"**{summary}**"
     if stats is not None:
@@ -63,6 +74,9 @@ def budget_spec(mode: str, ratio: float) -> Optional[str]:
     """The demo's budget control -> a budget spec: '0.25' (exactly), 'mean:0.25', or None (the model's default)."""
     if mode == MODE_DEFAULT:
         return None
+    from llava_drip.drip.budget import Budget
+
+    from .engine import budget_text
     r = round(float(ratio), 4)  # slider floats: 0.30000000000000004 -> 0.3
     if mode == MODE_EXACT:
         return budget_text(Budget("ratio", r))
@@ -89,6 +103,8 @@ class DemoActions:
         """(token-count markdown, boundary map) of the image at the chosen budget."""
         if image is None:
             return _stats_markdown(NO_IMAGE_TEXT), None
+        from .engine import visual_token_summary
+        from .viz import boundary_map
         try:
             tokens = self.engine.encode_image(image, budget_spec(mode, ratio))
         except ValueError as e:
@@ -112,6 +128,8 @@ class DemoActions:
                mode: str = MODE_DEFAULT, ratio: float = DEFAULT_RATIO):
         """Stream the answer to the last user turn: yields (chatbot, history, markdown update)."""
         import gradio as gr
+
+        from .engine import visual_token_summary
         if not history or history[-1]["role"] != "user":
             yield history, history, gr.update()
             return
@@ -162,6 +180,7 @@ def build_demo(engine: ChatEngine, examples: Sequence[Tuple[str, str]] = ()):
                 viz = gr.Image(type="pil", label="DRIP boundary map", interactive=False, height=300,
                                elem_id="drip-map")
             with gr.Column(scale=3):
+                gr.Markdown(model_markdown(engine.model_path), elem_id="drip-model")
                 chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chat")
                 with gr.Row():
                     textbox = gr.Textbox(label="Question", placeholder="Ask about the image (Enter sends)", show_label=False,
@@ -187,24 +206,10 @@ def build_demo(engine: ChatEngine, examples: Sequence[Tuple[str, str]] = ()):
     return demo
 
 
-def resolve_model_path(model_path: Optional[str]) -> str:
-    """The given folder, or the built-in tiny model (built on first use)."""
-    if model_path:
-        return model_path
-    from llava_drip.train import tiny_pipeline
-    final = os.path.join(tiny_pipeline.DEFAULT_CACHE, "stage2")
-    if not os.path.isfile(os.path.join(final, "llava_drip_train.json")):
-        print(f"no --model-path: building the built-in tiny model in {tiny_pipeline.DEFAULT_CACHE} "
-              "(synthetic data, tiny Llama, stage 1 and 2 on CPU; a few minutes, once)", flush=True)
-    else:
-        print(f"no --model-path: using the built-in tiny model {final}", flush=True)
-    return tiny_pipeline.build(tiny_pipeline.DEFAULT_CACHE)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="llava-drip demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", default=None, help="model folder (default: the built-in tiny model)")
+    p.add_argument("--model-path", default=None, help=model_path_help())
     p.add_argument("--model-base", default=None, help="base LLM for LoRA / projector checkpoints")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it on the network)")
     p.add_argument("--port", type=int, default=7860)
@@ -214,6 +219,7 @@ def main(argv=None) -> int:
 
     model_path = resolve_model_path(args.model_path)
     print(f"loading {model_path} on {args.device}", flush=True)
+    from .engine import ChatEngine
     engine = ChatEngine(model_path, model_base=args.model_base, device=args.device)
     examples = example_images(tempfile.mkdtemp(prefix="llava-drip-demo-"))
     demo = build_demo(engine, examples)

@@ -8,13 +8,12 @@ import json
 import os
 from typing import Iterable, List
 
-from llava_drip.conversation import conv_vicuna_v1
-
 TINY_LLAMA = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 
 def corpus_from_llava_json(paths: Iterable[str]) -> List[str]:
+    from llava_drip.conversation import conv_vicuna_v1  # here: it loads torch, and `--help` need not
     lines = [conv_vicuna_v1.system, "USER: ASSISTANT:"]
     for path in paths:
         for rec in json.load(open(path)):
@@ -104,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lm-steps", type=int, default=0, help="causal-LM steps on the corpus text (0: random init)")
     args = p.parse_args(argv)
+    from llava_drip.conversation import conv_vicuna_v1
     lines = corpus_from_llava_json(args.data) or [conv_vicuna_v1.system]
     tok, model = build_tiny_llm(args.out, lines, args.vocab_size, args.seed, args.lm_steps)
     n = sum(p.numel() for p in model.parameters())
