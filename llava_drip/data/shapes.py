@@ -34,8 +34,11 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 PLURALS = {s: s + "s" for s in SHAPES} | {"cross": "crosses"}
 SIDES = {"square": 4, "triangle": 3, "hexagon": 6}  # shapes with straight sides, for Q&A facts
 
-# Radius as a fraction of the image side; per-shape factors even out how big each shape looks.
-_RADIUS = {"small": 0.07, "large": 0.12}
+# Radius as a fraction of the image side; per-shape factors even out how big each shape looks. Large enough
+# that a shape spans 2-4 patches of 8 px at 64 px (smaller ones are colour blobs to a tiny ViT); groups of
+# two or three shrink so they never touch.
+_RADIUS = {"small": 0.14, "large": 0.2}
+_COUNT_SCALE = {1: 1.0, 2: 0.82, 3: 0.68}
 _SHAPE_SCALE = {"circle": 0.92, "square": 1.1, "triangle": 1.25, "star": 1.25, "cross": 1.05, "hexagon": 1.0}
 
 # Stream ids keep train, val and held-out eval images on disjoint random sequences.
@@ -115,15 +118,15 @@ def _centers(scene: Scene, rng: np.random.Generator) -> list[tuple[float, float]
         if n == 1:
             pts = [(0.5, 0.5)]
         else:
-            rad = 0.14 if n == 2 else 0.17
+            rad = 0.2 if n == 2 else 0.22
             a0 = rng.uniform(0, 2 * math.pi)
             pts = [(0.5 + rad * math.cos(a0 + 2 * math.pi * k / n), 0.5 + rad * math.sin(a0 + 2 * math.pi * k / n)) for k in range(n)]
         return [(x + rng.uniform(-0.03, 0.03), y + rng.uniform(-0.03, 0.03)) for x, y in pts]
-    lo, hi = 0.1, 0.9
+    lo, hi = 0.08, 0.92
     slot = (hi - lo) / n
     along = [lo + (k + 0.5) * slot + rng.uniform(-0.12, 0.12) * slot for k in range(n)]
-    side = {"left": 0.22, "right": 0.78, "top": 0.22, "bottom": 0.78}[scene.position]
-    across = [side + rng.uniform(-0.04, 0.04) for _ in range(n)]
+    side = {"left": 0.23, "right": 0.77, "top": 0.23, "bottom": 0.77}[scene.position]
+    across = [side + rng.uniform(-0.03, 0.03) for _ in range(n)]
     if scene.position in ("left", "right"):
         return list(zip(across, along))
     return list(zip(along, across))
@@ -169,7 +172,7 @@ def render(scene: Scene, rng: np.random.Generator, image_size: int = 64) -> Imag
     big = image_size * ss
     mask = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask)
-    base_r = _RADIUS[scene.size] * _SHAPE_SCALE[scene.shape]
+    base_r = _RADIUS[scene.size] * _COUNT_SCALE[scene.count] * _SHAPE_SCALE[scene.shape]
     for cx, cy in _centers(scene, rng):
         r = base_r * rng.uniform(0.9, 1.1) * big
         rot = rng.uniform(-25, 25) * math.pi / 180
@@ -235,9 +238,14 @@ def count_phrase(count: int, next_word: str, rng: np.random.Generator | None = N
     return article(next_word)
 
 
+# Half the captions name only count, colour and shape: fewer attributes per caption is what lets a tiny
+# tower learn shape within a CPU budget (with every attribute in every caption it learnt colour only).
+_SHORT_CAPTIONS = ("{n} {color} {noun}.", "{num} {color} {noun}.")
+
+
 def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """One short caption, template and synonyms drawn from `rng`."""
-    template = choice(rng, _CAPTIONS)
+    """One caption, template and synonyms drawn from `rng`."""
+    template = choice(rng, _SHORT_CAPTIONS if rng.random() < 0.5 else _CAPTIONS)
     size = choice(rng, SIZE_WORDS[scene.size])
     words = {
         "size": size,

@@ -19,7 +19,23 @@ from .names import BASELINES, CONFIG_DIR, cli_models, list_models  # noqa: F401 
 
 _logger = logging.getLogger(__name__)
 
-open_clip.add_model_config(CONFIG_DIR)
+TOKENIZER_DIR = CONFIG_DIR.parent / "tokenizers"
+_PACKAGE_TOKENIZER = "llava_drip:"  # hf_tokenizer_name prefix for a tokenizer folder shipped here
+
+
+def _register_configs() -> None:
+    """Add our JSON configs to open_clip's registry; a packaged tokenizer name becomes its absolute
+    folder, so open_clip's get_tokenizer (open_clip_train's too) loads it from any working directory."""
+    open_clip.add_model_config(CONFIG_DIR)
+    from open_clip import factory as oc_factory
+    for name in {p.stem for p in CONFIG_DIR.glob("*.json")}:
+        text_cfg = oc_factory._MODEL_CONFIGS.get(name, {}).get("text_cfg", {})
+        tok = text_cfg.get("hf_tokenizer_name", "")
+        if tok.startswith(_PACKAGE_TOKENIZER):
+            text_cfg["hf_tokenizer_name"] = str(TOKENIZER_DIR / tok[len(_PACKAGE_TOKENIZER):])
+
+
+_register_configs()
 
 
 def get_model_config(name: str) -> dict:
