@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
+	@$(BIN)/python -c "import torch; c = torch.version.cuda; print('installed torch', torch.__version__, '(CUDA %s build' % c if c else '(CPU-only build', '- the index has no CPU build of it; see README)' if c and not torch.cuda.is_available() else ')')"
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 

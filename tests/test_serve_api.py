@@ -263,13 +263,13 @@ def test_server_wide_budget(tiny_engine, image_url):
 
 @pytest.fixture
 def builtin_folder(tmp_path, monkeypatch):
-    """A stand-in for the built-in model's folder, finished, so nothing is built."""
-    from llava_drip.train import tiny_pipeline
-    cache = tmp_path / "tiny-llava"
-    (cache / "stage2").mkdir(parents=True)
-    (cache / "stage2" / "llava_drip_train.json").write_text("{}")
-    monkeypatch.setattr(tiny_pipeline, "DEFAULT_CACHE", str(cache))
-    return cache / "stage2"
+    """A stand-in for the shipped built-in model's folder, so the real one is not loaded."""
+    from llava_drip.serve import builtin
+    shipped = tmp_path / "assets" / "tiny-llava"
+    shipped.mkdir(parents=True)
+    (shipped / "MANIFEST.json").write_text("{}")
+    monkeypatch.setattr(builtin, "SHIPPED", str(shipped))
+    return shipped
 
 
 def test_default_model_id(builtin_folder, tmp_path, capsys):

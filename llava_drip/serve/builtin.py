@@ -1,43 +1,51 @@
 """The built-in model: what `llava-drip demo`, `chat` and `serve-api` serve without --model-path.
 
-It is the tiny LLaVA-DRIP of llava_drip/train/tiny_pipeline.py, built on first use (a few minutes on CPU)
-into tiny_pipeline.DEFAULT_CACHE/stage2 ($LLAVA_DRIP_HOME, default ~/.cache/llava_drip). It is trained only
-on synthetic scenes of coloured shapes, so it answers any image, a real photo too, with talk of shapes.
-Nothing heavy is imported here: the commands' --help reads it.
+It ships in the repository (llava_drip/assets/tiny-llava, a few MB, made by scripts/tiny/build_builtin.sh,
+with a MANIFEST.json of how and its checksums), so nothing is trained at start-up. It is a tiny LLaVA-DRIP
+trained only on synthetic scenes of coloured shapes: it answers any image, a real photo too, with talk of
+shapes. If the shipped folder is missing (a checkout without it), the tiny pipeline builds a stand-in into
+$LLAVA_DRIP_HOME (default ~/.cache/llava_drip) on first use instead. Nothing heavy is imported here: the
+commands' --help reads it.
 """
 import os
 import sys
 from typing import Optional, TextIO
 
 BUILTIN_MODEL_ID = "llava-drip-tiny"  # the API's model id for it
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-llava")
 
 
-def builtin_model_path() -> str:
+def _built_path() -> str:
     from llava_drip.train import tiny_pipeline  # no torch at import
     return os.path.join(tiny_pipeline.DEFAULT_CACHE, "stage2")
 
 
+def builtin_model_path() -> str:
+    """The shipped folder, or where the stand-in is built when the checkout lacks it."""
+    return SHIPPED if os.path.isfile(os.path.join(SHIPPED, "MANIFEST.json")) else _built_path()
+
+
 def is_builtin(model_path: str) -> bool:
     """Whether `model_path` is the built-in model's folder (given explicitly or not)."""
-    return os.path.realpath(os.path.expanduser(model_path)) == os.path.realpath(builtin_model_path())
+    real = os.path.realpath(os.path.expanduser(model_path))
+    return real in (os.path.realpath(SHIPPED), os.path.realpath(_built_path()))
 
 
 def model_path_help() -> str:
-    return (f"model folder (full, LoRA or projector checkpoint); default: the built-in tiny model in "
-            f"{builtin_model_path()}, built there on first use (a few minutes on CPU), trained on synthetic "
-            "shape scenes only")
+    return (f"model folder (full, LoRA or projector checkpoint); default: the built-in tiny model "
+            f"{BUILTIN_MODEL_ID} in {builtin_model_path()}, trained on synthetic shape scenes only")
 
 
 def resolve_model_path(model_path: Optional[str], file: Optional[TextIO] = None) -> str:
-    """The given folder, or the built-in tiny model (built on first use); says which on `file` (stdout)."""
+    """The given folder, or the built-in tiny model; says which on `file` (stdout)."""
     if model_path:
         return model_path
-    from llava_drip.train import tiny_pipeline
     file = sys.stdout if file is None else file
     final = builtin_model_path()
-    if not os.path.isfile(os.path.join(final, "llava_drip_train.json")):
-        print(f"no --model-path: building the built-in tiny model in {tiny_pipeline.DEFAULT_CACHE} "
-              "(synthetic data, tiny Llama, stage 1 and 2 on CPU; a few minutes, once)", file=file, flush=True)
-    else:
+    if final == SHIPPED or os.path.isfile(os.path.join(final, "llava_drip_train.json")):
         print(f"no --model-path: using the built-in tiny model {final}", file=file, flush=True)
+        return final
+    from llava_drip.train import tiny_pipeline
+    print(f"no --model-path and no shipped model in {SHIPPED}: building a stand-in in {tiny_pipeline.DEFAULT_CACHE} "
+          "(synthetic data, tiny Llama, stage 1 and 2 on CPU; several minutes, once)", file=file, flush=True)
     return tiny_pipeline.build(tiny_pipeline.DEFAULT_CACHE)

@@ -3,9 +3,9 @@
 Upload an image (it starts a new conversation, as in LLaVA's demo), ask questions, and read the
 token count and the boundary map of the image. The budget control under the image re-pools it at
 another visual-token budget (exactly r N tokens, or r N on average) without retraining, and the next
-answer uses it. Without --model-path it serves the built-in tiny model, building it on first use (a
-few minutes on CPU, cached in llava_drip.train.tiny_pipeline.DEFAULT_CACHE); the page says which model
-it serves, and that the built-in one knows only synthetic shape scenes.
+answer uses it. Without --model-path it serves the built-in tiny model shipped in llava_drip/assets
+(llava_drip/serve/builtin.py); the page says which model it serves, and that the built-in one knows
+only synthetic shape scenes.
 """
 from __future__ import annotations
 
@@ -20,38 +20,59 @@ from PIL import Image
 # the engine and the budgets load torch, gradio takes seconds too: imported where used, so `--help` is fast
 from .builtin import is_builtin, model_path_help, resolve_model_path
 
-EXAMPLE_QUESTIONS = ("What color are the shapes in the image?", "Where is the hexagon located?",
-                     "Give a detailed description of the image.")
-NO_IMAGE_TEXT = "No image: text-only chat. Upload one to see how many visual tokens DRIP keeps."
+# (scene, question, the word a right answer names): scenes the built-in model was not trained on (stream 1000),
+# questions of the kinds it was trained on; tests/test_builtin_model.py checks it answers each one right
+EXAMPLES = (
+    (("hexagon", "black", "large", "bottom", 1, "noise"), "What shape is shown in the image?", "hexagon"),
+    (("circle", "red", "large", "left", 3, "stripes"), "How many shapes are there in the image?", "three"),
+    (("star", "blue", "large", "center", 2, "dots"), "Where are the stars located?", "center"),
+    (("triangle", "green", "large", "center", 1, "plain"), "What color is the triangle?", "green"),
+)
 
 
-def example_images(out_dir: str, size: int = 224) -> List[Tuple[str, str]]:
-    """Draw a few synthetic shape scenes (like the tiny model's training data) into out_dir.
+def example_images(out_dir: str, size: int = 224, photos: bool = True) -> List[Tuple[str, str]]:
+    """Draw the EXAMPLES scenes into out_dir; returns [(image path, question)].
 
-    Returns [(image path, question)]. Real photos are added when LLAVA_DRIP_DATA holds them.
+    With `photos` a real photo is added when LLAVA_DRIP_DATA holds it (not for the built-in model,
+    which knows synthetic scenes only and would answer it with talk of shapes).
     """
     from llava_drip.data.shapes import Scene, render, rng_for
-    scenes = [(Scene("hexagon", "black", "large", "bottom", 1, "noise"), EXAMPLE_QUESTIONS[1]),
-              (Scene("circle", "red", "small", "left", 3, "stripes"), EXAMPLE_QUESTIONS[0]),
-              (Scene("star", "blue", "large", "center", 2, "dots"), EXAMPLE_QUESTIONS[2])]
     os.makedirs(out_dir, exist_ok=True)
     out = []
-    for i, (scene, question) in enumerate(scenes):
+    for i, (attrs, question, _) in enumerate(EXAMPLES):
+        scene = Scene(*attrs)
         path = os.path.join(out_dir, f"{scene.color}_{scene.shape}.png")
-        render(scene, rng_for(0, 1000, i), image_size=size).save(path)  # stream 1000: no training image
+        # drawn at the training size (64 px) and enlarged without smoothing, so the tower sees what it was trained on
+        img = render(scene, rng_for(0, 1000, i), image_size=64)  # stream 1000: no training image
+        img.resize((size, size), Image.NEAREST).save(path)
         out.append((path, question))
     photo = os.path.join(os.environ.get("LLAVA_DRIP_DATA", ""), "images", "extreme_ironing.jpg")
-    if os.environ.get("LLAVA_DRIP_DATA") and os.path.isfile(photo):
+    if photos and os.environ.get("LLAVA_DRIP_DATA") and os.path.isfile(photo):
         out.append((photo, "What is unusual about this image?"))
     return out
+
+
+def _heldout(model_path: str) -> dict:
+    """The held-out accuracy per question kind recorded in a shipped model's MANIFEST.json, if any."""
+    import json
+    try:
+        with open(os.path.join(model_path, "MANIFEST.json"), encoding="utf-8") as f:
+            return json.load(f).get("held_out", {}).get("accuracy", {})
+    except (OSError, ValueError):
+        return {}
 
 
 def model_markdown(model_path: str) -> str:
     """What the page says about the loaded model: the built-in one's limits, or another folder's name."""
     if is_builtin(model_path):
-        return ("**Model: the built-in tiny LLaVA-DRIP**, trained in minutes on CPU on synthetic scenes of "
-                "coloured shapes only. It answers any image, a real photo too, with talk of shapes and colours. "
+        text = ("**Model: llava-drip-tiny, the built-in tiny LLaVA-DRIP.** It was trained on a CPU on synthetic "
+                "scenes of coloured shapes only: ask about the colour, shape, count or position of the shapes in "
+                "scenes like the examples. It answers any other image, a real photo too, with talk of shapes. "
                 "To chat about real images, load a real checkpoint: `llava-drip demo --model-path DIR`.")
+        held = _heldout(model_path)
+        if held:
+            text += " Right on held-out scenes: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in held.items()) + "."
+        return text
     name = os.path.basename(os.path.normpath(model_path))
     return f"**Model: {name}** (`{model_path}`)"
 
@@ -221,7 +242,7 @@ def main(argv=None) -> int:
     print(f"loading {model_path} on {args.device}", flush=True)
     from .engine import ChatEngine
     engine = ChatEngine(model_path, model_base=args.model_base, device=args.device)
-    examples = example_images(tempfile.mkdtemp(prefix="llava-drip-demo-"))
+    examples = example_images(tempfile.mkdtemp(prefix="llava-drip-demo-"), photos=not is_builtin(model_path))
     demo = build_demo(engine, examples)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
                         prevent_thread_lock=True, quiet=True)

@@ -304,10 +304,11 @@ def score_answers(held: HeldOut, answers: Sequence[Tuple[str, int]], spec: str, 
         hit["correct"] += qid in right
         hit["n"] += 1
     budget, tokens = parse_budget(spec), [g for _, g in answers]
-    return {"budget": spec, "kind": budget.kind, "value": budget.value, "correct": res["correct"], "n": res["total"],
+    return {"budget": spec, "kind": budget.kind if budget else "default", "value": budget.value if budget else None,
+            "correct": res["correct"], "n": res["total"],
             "accuracy": res["correct"] / res["total"] if res["total"] else None, "failed": res["failed"],
             "by_kind": dict(sorted(by_kind.items())), "num_patches": num_patches,
-            "expected_tokens": None if budget.kind == "mean" else budget.count(num_patches),
+            "expected_tokens": None if budget is None or budget.kind == "mean" else budget.count(num_patches),
             "tokens_per_image": dict(sorted(Counter(tokens).items())),
             "tokens_mean": sum(tokens) / len(tokens) if tokens else None}
 
