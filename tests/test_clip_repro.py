@@ -39,6 +39,7 @@ def test_report_and_plot(tmp_path):
             "threads": 2, "workers": 1, "reps": 1, "load_min": 1.0, "load_max": 2.0,
             "gflops_source": repro.GFLOPS_SOURCE, "notes": repro.NOTES}
     png, doc = tmp_path / "fig" / "tradeoff.png", tmp_path / "doc.md"
+    repro.plot_tradeoff(tmp_path / "one.png", repro.aggregate(runs[::2]), meta)  # one seed: binomial bars
     repro.plot_tradeoff(png, rows, meta)
     assert png.read_bytes()[:4] == b"\x89PNG"
     meta["plot"] = "fig/tradeoff.png"

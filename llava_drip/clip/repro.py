@@ -180,6 +180,11 @@ def _pct(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
+def _two_se(p1: float, p2: float, n: int) -> float:
+    """Two binomial standard errors of p1 - p2 (independent samples of n), in points."""
+    return 200 * ((p1 * (1 - p1) + p2 * (1 - p2)) / n) ** 0.5
+
+
 def _spread(r: Dict, k: str) -> str:
     """Seed mean, with the min-max range when there are several seeds (percent)."""
     if len(r.get(k + "_all", ())) < 2:
@@ -281,7 +286,11 @@ def write_markdown(path: Path, rows: List[Dict], meta: Dict):
             f"{100 * (r['top5'] - base['top5']):+.1f}) at {fl:.2f}x its GFLOPs (realised ratio "
             f"{r['eval_group_ratio']:.2f}, target {r['prior']}) and {st:.2f}x its interleaved step time"
             + (f"; the seed-to-seed range is {noise:.1f} points, so the gap is "
-               f"{'larger than' if abs(d1) > noise else 'within'} the noise." if len(r["seeds"]) > 1 else "."))
+               f"{'larger than' if abs(d1) > noise else 'within'} the noise." if len(r["seeds"]) > 1 else
+               f"; one seed, and two standard errors of a difference of two top-1s on these "
+               f"{meta['val_images']} images are {_two_se(r['top1'], base['top1'], meta['val_images']):.1f} points, so "
+               f"the gap is {'larger than' if abs(d1) > _two_se(r['top1'], base['top1'], meta['val_images']) else 'within'} "
+               "the sampling noise alone (seed-to-seed noise comes on top)."))
     colour = [100 * r["colour_acc"] for r in rows]
     shape = ", ".join(f"{r['model']} {_pct(r['shape_acc'])} %" for r in rows)
     lines.append(
@@ -299,8 +308,10 @@ def write_markdown(path: Path, rows: List[Dict], meta: Dict):
 NOTES = [
     "Caveats, read before quoting any number:",
     "",
-    "- Scale. Tiny towers (width 128, 6 blocks, 64 px, patch 8, so N = 64 patches) and a few thousand synthetic "
-    "pairs. The seed's table is ViT-B on 26 M LAION pairs; only the direction of the comparisons can carry over.",
+    "- Scale. Tiny towers (width 128, 6 blocks, 64 px, patch 8, so N = 64 patches) and tens of thousands of "
+    "synthetic pairs. The seed's table is ViT-B on 26 M LAION pairs; only the direction of the comparisons can carry over.",
+    "- The per-epoch top-1 is open_clip_train's zero-shot during training, before calibration, so DRIP towers use "
+    "`threshold` boundaries there; the main table's figures are calibrated (clip-train calibrates at the end of a run).",
     "- The text tower is small (2 blocks over a 75-word vocabulary: llava_drip/data/vocab.py), so the image tower "
     "is most of a step. On a CPU, DRIP's extra work (boundary predictor, group pooling, padding to the batch's "
     "largest group count) is not free, so a step shrinks by less than the GFLOPs ratio.",
@@ -401,9 +412,14 @@ def plot_tradeoff(path: Path, rows: List[Dict], meta: Dict) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     x = [r["gflops_realised"] for r in rows]
     y = [100 * r["top1"] for r in rows]
-    yerr = [[100 * (r["top1"] - r.get("top1_min", r["top1"])) for r in rows],
-            [100 * (r.get("top1_max", r["top1"]) - r["top1"]) for r in rows]]
-    ax.errorbar(x, y, yerr=yerr, fmt="o-", capsize=4)
+    if len(rows[0]["seeds"]) > 1:  # bars: the seeds' min to max
+        yerr = [[100 * (r["top1"] - r["top1_min"]) for r in rows], [100 * (r["top1_max"] - r["top1"]) for r in rows]]
+        bars = "bars: min-max over seeds"
+    else:  # one seed: the binomial standard error on the zero-shot images
+        se = [100 * (r["top1"] * (1 - r["top1"]) / meta["val_images"]) ** 0.5 for r in rows]
+        yerr, bars = [se, se], f"bars: +-1 binomial s.e. on {meta['val_images']} images"
+    ax.errorbar(x, y, yerr=yerr, fmt="o-", capsize=4, label=bars)
+    ax.legend(loc="lower right", fontsize=8)
     for r, xi, yi in zip(rows, x, y):
         ax.annotate(r["model"], (xi, yi), textcoords="offset points", xytext=(6, -12), fontsize=8)
     ax.set_xlabel("image tower GFLOPs per image (realised token count)")
