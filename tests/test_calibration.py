@@ -16,12 +16,14 @@ from llava_drip.drip.budget import Budget, parse_budget
 from llava_drip.inspect import tokens as tokens_cli
 
 N = 64  # DRIP-4x-tiny: 64 px images, 8 px patches
+# a held-out mean ratio over the 288 val scenes: per-image ratios spread ~0.2, so ~3 standard errors
+HELD_OUT_TOL = 0.04
 
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("scenes")
-    assert synth_clip.main(["--out", str(out), "--n", "160", "--val-per-class", "2", "--seed", "4", "--quiet"]) == 0
+    assert synth_clip.main(["--out", str(out), "--n", "320", "--val-per-class", "6", "--seed", "4", "--quiet"]) == 0
     return out
 
 
@@ -55,7 +57,7 @@ def test_calibration_hits_target_on_held_out_images(scenes, tower_ckpt, tmp_path
     assert tower.is_calibrated and float(tower.calib_target) == pytest.approx(target)
     held_out = _pixels(scenes / "val", preprocess)  # the zero-shot set: no calibration image among them
     counts = [t.shape[0] for t in tower.encode_tokens(held_out)]
-    assert sum(counts) / len(counts) / N == pytest.approx(target, abs=0.02)
+    assert sum(counts) / len(counts) / N == pytest.approx(target, abs=HELD_OUT_TOL)
     assert len(set(counts)) > 3, counts  # image-dependent, not a fixed top-k
 
 
@@ -137,7 +139,7 @@ def test_calibrate_cli_in_place_and_safetensors(scenes, tower_ckpt, tmp_path, ca
     assert "calibrated DRIP-4x-tiny to a mean of 0.2500" in text and "held-out images:" in text
     r = json.loads(report.read_text())
     assert r["eval"]["images"] == len(calib.image_files([str(scenes / "val")]))
-    assert r["eval"]["mean_ratio"] == pytest.approx(0.25, abs=0.02) and sum(r["eval"]["hist"]) == r["eval"]["images"]
+    assert r["eval"]["mean_ratio"] == pytest.approx(0.25, abs=HELD_OUT_TOL) and sum(r["eval"]["hist"]) == r["eval"]["images"]
     saved = torch.load(pt, weights_only=True)
     assert saved["epoch"] == 1 and "module.visual.calib_quantiles" in saved["state_dict"]  # the rest untouched
     # a safetensors export written elsewhere, target given

@@ -20,6 +20,8 @@ from PIL import Image
 # the engine and the budgets load torch, gradio takes seconds too: imported where used, so `--help` is fast
 from .builtin import is_builtin, model_path_help, resolve_model_path
 
+NO_IMAGE_TEXT = "No image: text-only chat. Upload one to see how many visual tokens DRIP keeps."
+
 # (scene, question, the word a right answer names): scenes the built-in model was not trained on (stream 1000),
 # questions of the kinds it was trained on; tests/test_builtin_model.py checks it answers each one right
 EXAMPLES = (
