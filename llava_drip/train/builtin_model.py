@@ -93,9 +93,14 @@ def ship(stage2: Path, dest: Path, recipe: Dict) -> Dict:
                 "date": time.strftime("%Y-%m-%d"), "recipe": recipe,
                 "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256(tmp / n)} for n in FILES}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    old = dest.with_name(f".{dest.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
     if dest.exists():
-        shutil.rmtree(dest)
+        os.replace(dest, old)  # a crash from here on leaves the previous model beside the new one, never neither
     os.replace(tmp, dest)
+    if old.exists():
+        shutil.rmtree(old)
     return manifest
 
 
