@@ -1,5 +1,6 @@
 """The Gradio demo: its callbacks called directly (budget control, answers), and the page driven in
 headless Chromium: upload, ask, read the answer and the token count, move the budget slider."""
+import contextlib
 import os
 import re
 import socket
@@ -124,16 +125,23 @@ def test_demo_says_which_model(tiny_engine, tmp_path, monkeypatch):
 
 
 # ---- the page in a browser ----------------------------------------------------------------------------
-@_browser
-def test_demo_upload_ask_and_token_count(demo_url, tiny_engine, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    url, examples = demo_url
-    image_path = examples[0][0]
+@contextlib.contextmanager
+def _page_with_image(sync_api, url, image_path):
+    """The demo page in headless Chromium (1280 wide) with `image_path` uploaded; yields (page, browser)."""
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url)
         page.locator("input[type=file]").first.set_input_files(image_path)
+        yield page, browser
+
+
+@_browser
+def test_demo_upload_ask_and_token_count(demo_url, tiny_engine, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, examples = demo_url
+    image_path = examples[0][0]
+    with _page_with_image(sync_api, url, image_path) as (page, browser):
         tokens = page.locator("#drip-tokens")
         sync_api.expect(tokens).to_contain_text("kept", timeout=60_000)
         page.locator("#question textarea").fill("What color are the shapes in the image?")
@@ -162,11 +170,7 @@ def test_demo_budget_slider(demo_url, tiny_engine):
     sync_api = pytest.importorskip("playwright.sync_api")
     url, examples = demo_url
     image_path = examples[0][0]
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(url)
-        page.locator("input[type=file]").first.set_input_files(image_path)
+    with _page_with_image(sync_api, url, image_path) as (page, browser):
         tokens = page.locator("#drip-tokens")
         sync_api.expect(tokens).to_contain_text("model default", timeout=60_000)
         default_text = tokens.inner_text()

@@ -167,9 +167,9 @@ def evaluate(model: Path, out: Path, n_per_kind: int, eval_seed: int = EVAL_SEED
     other value of that kind ('The stars are blue.' for blue stars; 'blue or red' is wrong)."""
     from tqdm import tqdm
 
+    from llava_drip.data.shapes import COLORS, COUNTS, POSITIONS, SHAPES
     from llava_drip.serve.engine import ChatEngine
     engine = ChatEngine(str(model), device="cpu")
-    from llava_drip.data.shapes import COLORS, COUNTS, POSITIONS, SHAPES
     options = {"colour": len(COLORS), "shape": len(SHAPES), "count": len(COUNTS), "position": len(POSITIONS)}
     rows, tokens = [], []
     for kind, scene, image, question, truth in tqdm(heldout_questions(n_per_kind, eval_seed), desc="held-out"):
