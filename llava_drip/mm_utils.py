@@ -11,20 +11,19 @@ import torch
 from PIL import Image
 
 from .constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from .image_io import ImageError, open_image
 
 
 def load_image(path_or_b64: str) -> Image.Image:
-    """Open an image file (or a base64 / data URL string) as RGB, naming the file on failure."""
-    try:
-        if path_or_b64.startswith("data:image"):
-            path_or_b64 = path_or_b64.split(",", 1)[1]
-            return Image.open(io.BytesIO(base64.b64decode(path_or_b64))).convert("RGB")
-        with Image.open(path_or_b64) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path_or_b64}") from None
-    except Exception as e:  # PIL raises several types for corrupt files
-        raise ValueError(f"cannot read image {path_or_b64[:200]}: {e}") from e
+    """An image file (or a base64 / data URL string) as RGB through llava_drip.image_io (EXIF, 16-bit,
+    alpha over white, pixel limit), naming the file on failure."""
+    if path_or_b64.startswith("data:image"):
+        try:
+            raw = base64.b64decode(path_or_b64.split(",", 1)[1], validate=True)
+        except (ValueError, IndexError) as e:
+            raise ImageError(f"invalid base64 in data URL {path_or_b64[:40]}...: {e}", "unreadable") from e
+        return open_image(raw, name="the data-URL image")
+    return open_image(path_or_b64)
 
 
 def expand2square(img: Image.Image, background: Tuple[int, int, int]) -> Image.Image:

@@ -244,3 +244,74 @@ def test_hub_id_that_cannot_be_fetched_names_it(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="liuhaotian/llava-v1.5-7b"):
         load_pretrained_model("liuhaotian/llava-v1.5-7b")
+
+
+# ---- a full stage-2 folder whose weights do not match (the shipped tiny DRIP model, edited) ----
+
+def _shipped_variant(tmp_path: Path, drop=(), add=None, config=None) -> Path:
+    """A copy of the shipped tiny LLaVA-DRIP folder, model.safetensors rewritten without `drop` and with `add`."""
+    from safetensors.torch import load_file, save_file
+    from llava_drip.train.builtin_model import SHIPPED
+    dst = tmp_path / "stage2"
+    shutil.copytree(SHIPPED, dst)
+    sd = load_file(dst / "model.safetensors")
+    for k in drop:
+        del sd[k]
+    sd.update(add or {})
+    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    if config:
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, **config}))
+    return dst
+
+
+def _shipped_state():
+    from llava_drip.train.builtin_model import SHIPPED
+    return load_pretrained_model(str(SHIPPED))[1].state_dict()
+
+
+def test_full_folder_missing_tensor_is_refused_unless_not_strict(tmp_path, caplog):
+    key = "model.layers.0.mlp.down_proj.weight"
+    folder = _shipped_variant(tmp_path, drop=[key])
+    with pytest.raises(RuntimeError, match=rf"{folder}: weights do not match the model: missing \['{key}'\] \(1\)"
+                                           rf".*strict=False"):
+        load_pretrained_model(str(folder))
+    _, model, _, _ = load_pretrained_model(str(folder), strict=False)
+    assert any(key in r.getMessage() and "strict=False" in r.getMessage() for r in caplog.records
+               if r.levelname == "WARNING")
+    want, got = _shipped_state(), model.state_dict()
+    assert not torch.equal(got[key], want[key])  # the gap is not the shipped weight: it was never loaded
+    for k in want.keys() - {key}:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, equal_nan=True)
+
+
+def test_full_folder_unexpected_tensor_is_refused_unless_not_strict(tmp_path):
+    folder = _shipped_variant(tmp_path, add={"model.mm_projector.9.weight": torch.zeros(4, 4),
+                                             "model.extra_head.weight": torch.zeros(3)})
+    with pytest.raises(RuntimeError, match=r"missing \[\] \(0\), unexpected \['model.extra_head.weight', "
+                                           r"'model.mm_projector.9.weight'\] \(2\)"):
+        load_pretrained_model(str(folder))
+    got, want = load_pretrained_model(str(folder), strict=False)[1].state_dict(), _shipped_state()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, equal_nan=True)
+
+
+def test_full_folder_with_part_of_the_tower_is_refused(tmp_path):
+    """Not replaced by the tower's source: that would drop the folder's own tower weights without a word."""
+    key = "model.vision_tower.vision_tower.boundary_predictor.fc1.weight"
+    folder = _shipped_variant(tmp_path, drop=[key])
+    with pytest.raises(RuntimeError, match=rf"{folder}: .*the vision tower is only partly in the folder.*\['{key}'\]"):
+        load_pretrained_model(str(folder))
+
+
+def test_full_folder_legitimate_absences_load(tmp_path):
+    """Tied lm_head, rebuilt rotary buffers and pre-calibration DRIP folders are not mismatches."""
+    tower = "model.vision_tower.vision_tower."
+    folder = _shipped_variant(tmp_path, drop=["lm_head.weight", tower + "calib_quantiles", tower + "calib_target"],
+                              add={"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)},
+                              config={"tie_word_embeddings": True})
+    _, model, _, _ = load_pretrained_model(str(folder))
+    torch.testing.assert_close(model.lm_head.weight, model.get_input_embeddings().weight, rtol=0, atol=0)
+    drip = model.get_vision_tower().vision_tower
+    assert not drip.is_calibrated and float(drip.calib_target) == drip.prior

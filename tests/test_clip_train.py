@@ -248,3 +248,53 @@ def test_torchrun_two_ranks_cpu(synth, tmp_path):
     assert eff["world_size"] == 2 and eff["epochs"][0]["steps"] == 96 // (8 * 2)
     saved = torch.load(run / "checkpoints" / "epoch_1.pt", weights_only=True)
     assert saved["optimizer"]["param_groups"][0][clip_train.SCHEDULE_KEY]["world_size"] == 2
+
+
+class _Payload:
+    """Unpickling this creates a marker file: stands in for any code a planted checkpoint would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_refuses_pickled_payload(synth, tmp_path):
+    evil = tmp_path / "epoch_1.pt"
+    marker = tmp_path / "payload-ran"
+    torch.save({"epoch": 1, "state_dict": {}, "hook": _Payload(marker)}, evil)
+    argv = _base(synth, tmp_path, "evil", batch=8, csv=synth / "train48.csv") + ["--resume", str(evil)]
+    assert clip_train.main(argv) == 2
+    assert not marker.exists()
+    assert "refusing to load it" in (tmp_path / "evil" / "out.log").read_text()
+
+
+def _kill_during_save(argv, target, nbytes):
+    env = dict(os.environ, PYTHONPATH=str(REPO), LLAVA_DRIP_KILL_FILE=target, LLAVA_DRIP_KILL_BYTES=str(nbytes))
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "kill_plant.py"), "clip-train", *argv], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stdout[-3000:]  # SIGKILL: it died in the save
+
+
+@pytest.mark.parametrize("nbytes", [0, 3000])
+def test_kill_during_checkpoint_write_then_resume_matches_straight(synth, tmp_path, nbytes):
+    """kill -9 while epoch_2.pt is written: no truncated epoch_2.pt appears; --resume latest takes epoch_1.pt
+    and the run ends with the weights of an uninterrupted one."""
+    small = dict(model="ViT-tiny", batch=8, csv=synth / "train48.csv")
+    straight = _base(synth, tmp_path, "straight", epochs=2, **small)
+    assert clip_train.main(straight) == 0
+    killed = _base(synth, tmp_path, "killed", epochs=2, **small)
+    _kill_during_save(killed, "checkpoints/epoch_2.pt", nbytes)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    assert (ckpts / "epoch_1.pt").is_file() and not (ckpts / "epoch_2.pt").exists()
+    # what older runs (or a full disk) leave behind: a truncated newer file and open_clip_train's tmp.pt
+    (ckpts / "epoch_3.pt").write_bytes((ckpts / "epoch_1.pt").read_bytes()[:5000])
+    (ckpts / "tmp.pt").write_bytes(b"\0" * 100)
+    assert clip_train.main(killed + ["--resume", "latest"]) == 0
+    log = (tmp_path / "killed" / "out.log").read_text()
+    assert "resume: skipping" in log and "epoch_3.pt" in log
+    sd_a = torch.load(tmp_path / "straight" / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
+    sd_b = torch.load(ckpts / "epoch_2.pt", weights_only=True)["state_dict"]
+    assert sd_a.keys() == sd_b.keys()
+    assert all(torch.allclose(sd_a[k], sd_b[k], atol=1e-6) for k in sd_a)

@@ -20,6 +20,7 @@ import pytest
 
 from llava_drip.eval import judge_llava_bench, rule_scorer, summarize_gpt_review
 from llava_drip.eval.judge_llava_bench import parse_scores
+from llava_drip.eval.summarize_gpt_review import SCORE_RANGES
 
 API_KEY = "sk-test-not-a-real-key-5f3a9c"
 REPO = Path(__file__).resolve().parents[1]
@@ -108,16 +109,41 @@ def test_summary_selects_runs_as_llava(bench, tmp_path):
     assert summarize_gpt_review.select_files(["notes.jsonl"], str(folder)) == [str(folder / "notes.jsonl")]
 
 
-def test_summary_excludes_null_and_averages_minus_one(tmp_path):
+def test_summary_excludes_null_and_minus_one(tmp_path):
     rows = [{"question_id": 0, "category": "llava_bench_conv", "tuple": [8, 4]},
             {"question_id": 1, "category": "llava_bench_detail", "tuple": None},
             {"question_id": 2, "category": "llava_bench_complex", "tuple": [5, 5]}]
     s = summarize_gpt_review.summarize_file(write_jsonl(tmp_path / "reviews.jsonl", rows))
     assert (s["excluded"], s["count"], s["conv"], s["complex"]) == (1, 2, 50.0, 100.0)
     assert "detail" not in s and s["all"] == pytest.approx(9 / 13 * 100)
-    rows[1]["tuple"] = [-1, -1]  # LLaVA's parse-failure value is averaged in, as LLaVA does
+    rows[1]["tuple"] = [-1, -1]  # LLaVA's parse-failure value: LLaVA averages it in, we leave it out
     s = summarize_gpt_review.summarize_file(write_jsonl(tmp_path / "reviews.jsonl", rows))
-    assert s["excluded"] == 0 and s["detail"] == 100.0 and s["all"] == pytest.approx(8 / 12 * 100)
+    assert (s["excluded"], s["count"]) == (1, 2) and "detail" not in s and s["all"] == pytest.approx(9 / 13 * 100)
+
+
+def test_summary_excludes_non_finite_and_out_of_range(tmp_path):
+    """Pairs a judge could have written (NaN, inf, 1e308, 0, 11, -3, strings) are unusable, counted, not averaged."""
+    bad_pairs = [[float("nan"), 9], [float("inf"), 1], [11, -3], [1e308, 1e308], [0, 5], [-1, -1], ["8", "9"], [True, 9]]
+    rows = [{"question_id": 0, "category": "llava_bench_conv", "tuple": [8, 4], "scorer": "judge"}]
+    rows += [{"question_id": i + 1, "category": "llava_bench_conv", "tuple": p, "scorer": "judge"}
+             for i, p in enumerate(bad_pairs)]
+    path = tmp_path / "reviews_bad.jsonl"
+    write_jsonl(path, rows)  # json.dumps writes NaN and Infinity, which json.loads reads back
+    assert "NaN" in path.read_text() and "Infinity" in path.read_text()
+    s = summarize_gpt_review.summarize_file(path)
+    assert (s["count"], s["excluded"], s["all"], s["llava"]["all"]) == (1, 8, 50.0, 50.0)
+    text = run_module("llava_drip.eval.summarize_gpt_review", "-f", path)
+    assert "unusable" in text.splitlines()[0]
+    assert "reviews_bad: 8 of 9 reviews unusable (no two finite scores from 1 to 10), left out of every figure" in text
+    assert "nan" not in text.lower().replace("unusable", "")
+    # the rule scorer's scale starts at 0: a zero answer score is a score there
+    rule = [{"question_id": 0, "tuple": [10.0, 0.0], "scorer": "rule"}, {"question_id": 1, "tuple": [10.0, 5.0], "scorer": "rule"},
+            {"question_id": 2, "tuple": [10.0, float("nan")], "scorer": "rule"}]
+    s = summarize_gpt_review.summarize_file(write_jsonl(tmp_path / "rule.jsonl", rule))
+    assert (s["count"], s["excluded"], s["all"]) == (2, 1, 25.0)
+    # nothing usable is an error, not a score
+    with pytest.raises(ValueError, match=r"no usable review lines \(8 unusable"):
+        summarize_gpt_review.summarize_file(write_jsonl(tmp_path / "reviews_none.jsonl", rows[1:]))
 
 
 def test_summary_bad_line(tmp_path):
@@ -160,7 +186,7 @@ def test_rule_scorer_deterministic_on_real_answers(bench, tmp_path, answers):
         assert set(r["measures"]) == set(rule_scorer.MEASURES)
         assert all(0.0 <= v <= 1.0 for v in r["measures"].values())
         assert r["tuple"][1] == pytest.approx(10 * sum(r["measures"].values()) / 3)
-        assert parse_scores(r["content"]) == pytest.approx(r["tuple"], abs=1e-4)
+        assert parse_scores(r["content"], SCORE_RANGES["rule"]) == pytest.approx(r["tuple"], abs=1e-4)
     s = summarize_gpt_review.summarize_file(a)
     assert 5.0 < s["all"] < 95.0  # real, partial overlap with the GPT-4 answers
 
@@ -200,12 +226,13 @@ class FakeJudgeServer:
 
     Its scores are a function of the two answers it is shown, so the test can tell whether each
     question met its own answers. It fails the first request with HTTP 500 and answers without
-    scores for the answers listed in ``malformed``.
+    scores for the answers listed in ``malformed``. ``raw`` maps an answer to the reply to send for
+    it as it is: a string is the message content, a dict replaces the whole response body.
     """
 
-    def __init__(self, malformed: set[str] = frozenset(), fail_first: int = 1) -> None:
+    def __init__(self, malformed: set[str] = frozenset(), fail_first: int = 1, raw: dict | None = None) -> None:
         self.requests: list[dict] = []
-        self.malformed, self.fail_left = malformed, fail_first
+        self.malformed, self.fail_left, self.raw = malformed, fail_first, raw or {}
         self.lock = threading.Lock()
         outer = self
 
@@ -245,7 +272,11 @@ class FakeJudgeServer:
         user = body["messages"][-1]["content"]
         answer1 = user.split("[Assistant 1]\n", 1)[1].split("\n\n[End of Assistant 1]", 1)[0]
         answer2 = user.split("[Assistant 2]\n", 1)[1].split("\n\n[End of Assistant 2]", 1)[0]
-        if answer2 in self.malformed:
+        if isinstance(self.raw.get(answer2), dict):
+            return self.raw[answer2]
+        if answer2 in self.raw:
+            content = self.raw[answer2]
+        elif answer2 in self.malformed:
             content = "Both assistants did reasonably well overall."
         else:
             a, b = self.scores_for(answer1, answer2)
@@ -304,7 +335,8 @@ def test_judge_end_to_end(bench, tmp_path, judge_env, capsys, caplog):
                 assert r["tuple"] is None
             else:
                 assert r["tuple"] == list(map(float, FakeJudgeServer.scores_for(ref_by_id[qid]["text"], ours_by_id[qid]["text"])))
-        assert "1 judge replies without two scores on the first line, excluded from the summary: question_id [7]" in first.out
+        assert ("1 of 60 judge replies unusable (no two scores from 1 to 10 on the first line), "
+                "excluded from the summary: question_id [7]") in first.out
         assert any("InternalServerError" in rec.getMessage() and "retry 1/5" in rec.getMessage() for rec in caplog.records)
 
         s = summarize_gpt_review.summarize_file(out)
@@ -323,7 +355,7 @@ def test_judge_end_to_end(bench, tmp_path, judge_env, capsys, caplog):
         judge_llava_bench.main([*common, "--output", str(compat), "--cache", str(out) + ".cache", "--llava-compat"])
         assert len(server.requests) == 61
         assert {r["question_id"]: r["tuple"] for r in read_jsonl(compat)}[bad_id] == [-1.0, -1.0]
-        assert summarize_gpt_review.summarize_file(compat)["excluded"] == 0
+        assert summarize_gpt_review.summarize_file(compat)["excluded"] == 1  # ours leaves [-1, -1] out
     finally:
         server.close()
     # The key reaches the server's Authorization header and nowhere else.
@@ -441,6 +473,78 @@ def test_judge_joins_caption_lists_by_lines(tmp_path):
 @pytest.mark.parametrize("reply, expected", [
     ("8 9\nbecause", [8.0, 9.0]), ("8, 6.5\n", [8.0, 6.5]), ("  7  9 \nx", [7.0, 9.0]),
     ("Scores: 8 9", None), ("8\n9", None), ("", None), ("eight nine", None),
+    ("10 1", [10.0, 1.0]), ("nan 9", None), ("9 NaN", None), ("inf 1", None), ("-Infinity 5", None),
+    ("11 -3", None), ("1e308 1e308", None), ("0 5", None), ("-1 -1", None), ("10.5 8", None), (None, None),
 ])
 def test_parse_scores(reply, expected):
     assert parse_scores(reply) == expected
+
+
+def _choice_body(choices) -> dict:
+    return {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": "m", "choices": choices}
+
+
+# Replies from the issue "nothing silently wrong": each must end as an unusable review, never a crash
+# nor a score. A string is the message content; a dict is the whole response body.
+ODD_REPLIES = {
+    "nan 9": "nan 9\nfine", "inf 1": "inf 1\n", "11 -3": "11 -3\n", "1e308 1e308": "1e308 1e308\n", "0 5": "0 5\n",
+    "no choices": _choice_body([]),
+    "null content": _choice_body([{"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "stop"}]),
+    "no message": _choice_body([{"index": 0, "finish_reason": "content_filter"}]),
+    "empty content": "",
+}
+EMPTY_REPLIES = ("no choices", "null content", "no message", "empty content")
+
+
+def test_judge_odd_replies_are_unusable(tmp_path, judge_env, capsys, caplog):
+    """Over HTTP: non-finite, out-of-range and empty replies give null tuples, a count, and a summary without them."""
+    answers = ["a good answer", *ODD_REPLIES]
+    n = len(ODD_REPLIES)
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question_id": i, "image": "a.jpg", "text": f"Q{i}", "category": "conv"}
+                                           for i in range(len(answers))])
+    ctx = write_jsonl(tmp_path / "c.jsonl", [{"image": "a.jpg", "caption": "a cat."}])
+    ref = write_jsonl(tmp_path / "ref.jsonl", [{"question_id": i, "text": "ref"} for i in range(len(answers))])
+    ours = write_jsonl(tmp_path / "ours.jsonl", [{"question_id": i, "text": a} for i, a in enumerate(answers)])
+    server = FakeJudgeServer(fail_first=0, raw={"a good answer": "8 6\nok", **ODD_REPLIES})
+    out = tmp_path / "reviews" / "reviews_odd.jsonl"
+    common = ["-q", str(q), "-c", str(ctx), "-a", str(ref), str(ours), "--model", "m", "--base-url", server.base_url,
+              "--api-key-env", "JUDGE_TEST_KEY", "--max-retries", "1", "--retry-wait", "0.001"]
+    try:
+        assert judge_llava_bench.main([*common, "-o", str(out)]) == 0
+        text = capsys.readouterr().out
+        reviews = read_jsonl(out)
+        assert [r["tuple"] for r in reviews] == [[8.0, 6.0]] + [None] * n
+        assert [r["content"] for r in reviews[-len(EMPTY_REPLIES):]] == [""] * len(EMPTY_REPLIES)
+        # an empty reply is retried (here once), a scored one is not
+        asked = [r["body"]["messages"][-1]["content"].split("[Assistant 2]\n", 1)[1].split("\n\n", 1)[0]
+                 for r in server.requests]
+        assert {a: asked.count(a) for a in answers} == {a: 2 if a in EMPTY_REPLIES else 1 for a in answers}
+        assert any("judge reply without text" in rec.getMessage() for rec in caplog.records)
+        assert (f"{n} of {n + 1} judge replies unusable (no two scores from 1 to 10 on the first line), "
+                f"excluded from the summary: question_id {list(range(1, n + 1))}") in text
+        row = next(line for line in text.splitlines() if line.startswith("reviews_odd "))
+        assert row.split()[2:] == ["75.0", "75.0", "n/a", "n/a", "1", str(n)]
+        assert f"reviews_odd: {n} of {n + 1} reviews unusable (no two finite scores from 1 to 10)" in text
+        assert "nan" not in text.lower().replace("unusable", "")
+
+        # Empty replies are not cached: a rerun asks for exactly those again, the rest come from the cache.
+        before = len(server.requests)
+        assert judge_llava_bench.main([*common, "-o", str(out)]) == 0
+        assert len(server.requests) - before == 2 * len(EMPTY_REPLIES)
+
+        # LLaVA's file format for LLaVA's summarizer; ours still leaves the [-1, -1] lines out
+        compat = tmp_path / "reviews" / "reviews_compat.jsonl"
+        assert judge_llava_bench.main([*common, "-o", str(compat), "--cache", str(out) + ".cache", "--llava-compat"]) == 0
+        assert [r["tuple"] for r in read_jsonl(compat)] == [[8.0, 6.0]] + [[-1.0, -1.0]] * n
+        s = summarize_gpt_review.summarize_file(compat)
+        assert (s["count"], s["excluded"], s["all"]) == (1, n, 75.0)
+        assert "written [-1, -1] (--llava-compat; LLaVA's summarizer averages them in, ours leaves them out)" in capsys.readouterr().out
+
+        # nothing usable at all: no table, exit status 1
+        only_bad = write_jsonl(tmp_path / "q_bad.jsonl", read_jsonl(q)[1:])
+        bad_out = tmp_path / "reviews" / "reviews_allbad.jsonl"
+        assert judge_llava_bench.main(["-q", str(only_bad), *common[2:], "-o", str(bad_out),
+                                       "--cache", str(out) + ".cache"]) == 1
+        assert "no usable judge reply: no score" in capsys.readouterr().out
+    finally:
+        server.close()

@@ -223,3 +223,165 @@ def test_budgets_in_training_and_generate(work, tmp_path):
     assert out_ids.shape[0] == 1
     with pytest.raises(ValueError, match="budget"):
         model.generate(ids, images=images, budget="2.0", max_new_tokens=3)
+
+
+def _image_records(work, path):
+    recs = [r for r in json.load(open(work / "data" / "finetune.json")) if "image" in r]
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def _load_optimizer(path):
+    return torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoint; DeepSpeed pickles objects
+
+
+def _flat_tensors(obj, prefix=""):
+    """Every tensor in a nested checkpoint object, by path."""
+    if torch.is_tensor(obj):
+        return {prefix: obj}
+    out = {}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        out.update(_flat_tensors(v, f"{prefix}/{k}"))
+    return out
+
+
+def _assert_same_tensors(a, b):
+    ta, tb = _flat_tensors(a), _flat_tensors(b)
+    assert ta.keys() == tb.keys() and ta
+    for k in ta:
+        assert ta[k].shape == tb[k].shape and torch.allclose(ta[k], tb[k], rtol=0, atol=0, equal_nan=True), k
+
+
+def test_nan_batch_is_skipped_without_any_update(work, tmp_path, monkeypatch):
+    """A NaN image batch at step 2 leaves weights and Adam moments exactly as after step 1; the skip is reported."""
+    import nan_plant
+    from safetensors.torch import load_file
+    from llava_drip.train.train import NonFiniteLossError, train
+    data = _image_records(work, tmp_path / "images_only.json")
+    out = tmp_path / "run"
+    args = [*_common(work, out), "--version", "v1", "--data_path", str(data), "--max_steps", "3",
+            "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--save_strategy", "steps",
+            "--save_steps", "1"]
+    from llava_drip.train.data import LazySupervisedDataset
+    monkeypatch.setattr(LazySupervisedDataset, "__getitem__", LazySupervisedDataset.__getitem__)  # restored after
+    nan_plant.plant({2})  # the first sample of step 2
+    trainer = train(args)
+    summary = json.load(open(out / "train_summary.json"))
+    assert summary["nonfinite_skipped"] == 1 and summary["nonfinite_steps"][0]["step"] == 2
+    ids = summary["nonfinite_steps"][0]["ids"]  # the batch's samples: the loss is their mean
+    assert len(ids) == 2 and set(ids) <= {str(r["id"]) for r in json.load(open(data))}
+    logged = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
+    assert logged[2]["nonfinite_skipped"] == 1 and logged[2]["loss"] != logged[2]["loss"]  # NaN, not 0
+    assert len(summary["losses"]) == 2 and all(l > 0 for l in summary["losses"])
+    c1, c2, c3 = (out / f"checkpoint-{i}" for i in (1, 2, 3))
+    w1, w2, w3 = (load_file(c / "model.safetensors") for c in (c1, c2, c3))
+    _assert_same_tensors(w1, w2)
+    _assert_same_tensors(_load_optimizer(c1 / "optimizer.pt")["state"], _load_optimizer(c2 / "optimizer.pt")["state"])
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2)  # step 3 trains again
+    final = load_file(out / "model.safetensors")
+    # (an uncalibrated DRIP tower keeps NaN calibration quantiles by design)
+    assert all(torch.isfinite(t).all() for k, t in final.items() if "calib_quantiles" not in k)
+    assert trainer.state.global_step == 3
+
+    # every batch NaN: the run stops after --max_skipped_steps in a row, naming the samples
+    nan_plant.plant(set(range(1000)))
+    with pytest.raises(NonFiniteLossError, match="2 micro-batches in a row"):
+        train([*args, "--output_dir", str(tmp_path / "all_nan"), "--max_skipped_steps", "2"])
+
+
+def test_nan_on_one_rank_skips_on_both_under_zero3(work, tmp_path):
+    """ZeRO-3 applies NaN steps itself (it only checks fp16); with the guard both ranks skip step 2 together."""
+    data = _image_records(work, tmp_path / "images_only.json")
+    out = tmp_path / "z3"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), LLAVA_DRIP_NAN_CALLS="2,3",
+               LLAVA_DRIP_NAN_RANK="1")
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(REPO / "tests" / "nan_plant.py"), "--deepspeed", str(REPO / "scripts" / "zero3.json"),
+           *_common(work, out), "--version", "v1", "--data_path", str(data), "--max_steps", "3",
+           "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--save_strategy", "steps",
+           "--save_steps", "1"]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "skipped 1 micro-batches with a non-finite loss" in proc.stdout
+    summary = json.load(open(out / "train_summary.json"))
+    assert [r["step"] for r in summary["nonfinite_steps"]] == [2] and len(summary["nonfinite_steps"][0]["ids"]) == 2
+    # DeepSpeed names its folder by the engine's own step count, which the skipped step did not advance
+    tags = {c: (out / c / "latest").read_text().strip() for c in ("checkpoint-1", "checkpoint-2", "checkpoint-3")}
+    assert tags == {"checkpoint-1": "global_step1", "checkpoint-2": "global_step1", "checkpoint-3": "global_step2"}
+    for rank in (0, 1):
+        name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        found = [p for p in (out / "checkpoint-1" / "global_step1").iterdir() if p.name.endswith(name)]
+        assert found, list((out / "checkpoint-1" / "global_step1").iterdir())
+        s1 = _load_optimizer(found[0])
+        s2 = _load_optimizer(out / "checkpoint-2" / "global_step1" / found[0].name)
+        _assert_same_tensors(s1["optimizer_state_dict"], s2["optimizer_state_dict"])
+    # DeepSpeed's real engine files pass the resume check (tensors and allow-listed plain data only)
+    from llava_drip.checkpoints import llava_checkpoint_problem
+    assert llava_checkpoint_problem(out / "checkpoint-3", world_size=2) == ""
+    assert "rank 1 missing" in llava_checkpoint_problem(out / "checkpoint-3", world_size=3).replace("rank 2", "rank 1")
+    from safetensors.torch import load_file
+    final = load_file(out / "model.safetensors")
+    # (an uncalibrated DRIP tower keeps NaN calibration quantiles by design)
+    assert all(torch.isfinite(t).all() for k, t in final.items() if "calib_quantiles" not in k)
+
+
+class _Payload:
+    """Unpickling this creates a marker file: stands in for any code a planted checkpoint would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_refuses_planted_deepspeed_payload(work, tmp_path):
+    """DeepSpeed loads its engine files with weights_only=False: a rerun into a folder with a planted
+    global_step*/mp_rank_00_model_states.pt must refuse before anything is unpickled."""
+    from llava_drip.checkpoints import UnsafeCheckpointError
+    from llava_drip.train.train import train
+    out = tmp_path / "run"
+    ckpt = out / "checkpoint-3"
+    (ckpt / "global_step3").mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 3, "log_history": []}))
+    (ckpt / "latest").write_text("global_step3")
+    marker = tmp_path / "payload-ran"
+    torch.save({"module": {}, "x": _Payload(marker)}, ckpt / "global_step3" / "mp_rank_00_model_states.pt")
+    args = [*_common(work, out), "--version", "v1", "--data_path", str(work / "data" / "finetune.json"),
+            "--max_steps", "4", "--per_device_train_batch_size", "2", "--save_strategy", "steps", "--save_steps", "2"]
+    with pytest.raises(UnsafeCheckpointError, match="mp_rank_00_model_states.pt: refusing to load it"):
+        train(args)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("target,nbytes", [("checkpoint-4/model.safetensors", 200),
+                                           ("checkpoint-4/optimizer.pt", 5000),
+                                           ("checkpoint-4/trainer_state.json", 10)])
+def test_kill_during_checkpoint_save_then_rerun_matches_straight(work, tmp_path, target, nbytes):
+    """kill -9 while checkpoint-4 is written: the rerun skips it (saying why), resumes from checkpoint-2
+    and ends with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+    from llava_drip.train.train import train
+    args = lambda out: [*_common(work, out), "--version", "v1", "--data_path", str(work / "data" / "finetune.json"),
+                        "--image_aspect_ratio", "pad", "--max_steps", "4", "--per_device_train_batch_size", "4",
+                        "--learning_rate", "1e-3", "--save_strategy", "steps", "--save_steps", "2"]
+    straight = tmp_path / "straight"
+    train(args(straight))
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(REPO), LLAVA_DRIP_KILL_FILE=target, LLAVA_DRIP_KILL_BYTES=str(nbytes))
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "kill_plant.py"), "train", *args(killed)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stdout[-3000:]
+    assert (killed / "checkpoint-2" / "trainer_state.json").is_file() and (killed / "checkpoint-4").is_dir()
+    assert not (killed / "model.safetensors").exists()
+    proc = subprocess.run([sys.executable, str(REPO / "llava_drip" / "train" / "train.py"), *args(killed)],
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"resume: skipping {killed / 'checkpoint-4'}" in proc.stdout
+    assert f"resume: continuing from {killed / 'checkpoint-2'}" in proc.stdout
+    a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, equal_nan=True)

@@ -133,7 +133,7 @@ def test_text_only_and_multi_turn(client):
     ("https://example.com/cat.png", "does not fetch URLs"),
     ("file:///etc/hosts", "data URL"),
     ("data:image/png;base64,@@notbase64@@", "invalid base64"),
-    ("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "not a readable image"),
+    ("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "is not an image file"),
 ])
 def test_bad_image_url_is_400_naming_the_field(client, url, needle):
     with pytest.raises(openai.BadRequestError) as err:
@@ -289,6 +289,7 @@ def test_help_says_where_the_builtin_model_is(builtin_folder, capsys):
     out = capsys.readouterr().out
     assert str(builtin_folder) in "".join(out.split())  # argparse wraps the path
     assert "llava-drip-tiny" in out
+    assert "--max-body-mb" in out and "--max-concurrent" in out  # the request limits
 
 
 @pytest.mark.parametrize("budget", ["abc", "1.5", "mean:"])

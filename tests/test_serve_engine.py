@@ -1,6 +1,7 @@
 """ChatEngine on the tiny model: answers with and without an image, token stats, multi-turn, streaming,
 and DRIP token budgets (exact ratio / count, calibrated mean)."""
 import threading
+import time
 
 import pytest
 import torch
@@ -109,6 +110,8 @@ def test_long_conversation_drops_middle_turns(tiny_engine, shapes_image):
     _, stats = tiny_engine.chat(history, shapes_image, temperature=0, max_new_tokens=4)
     assert stats.prompt_tokens <= tiny_engine.max_prompt_tokens
     assert stats.visual_tokens_out >= 1
+    image = tiny_engine.encode_image(shapes_image)
+    assert stats.prompt_tokens == _fit_one_exchange_at_a_time(tiny_engine, validate_messages(history), image)[1]
 
 
 def test_bad_conversations_raise(tiny_engine):
@@ -247,3 +250,188 @@ def test_mean_budget_needs_calibration(tiny_engine, shapes_image):
         assert tiny_engine.encode_image(shapes_image, budget="0.25").tokens_out == 16  # fixed counts need none
     finally:
         quantiles.copy_(saved)
+
+
+# ---- cost bounds: prompt fitting, character bound, cancellation ---------------------------------------
+class _CountingTokenizer:
+    """The engine's tokenizer, counting the characters it is asked to tokenise."""
+
+    def __init__(self, tokenizer):
+        self._tok, self.chars, self.longest = tokenizer, 0, 0
+
+    def __call__(self, text, *args, **kwargs):
+        self.chars += len(text)
+        self.longest = max(self.longest, len(text))
+        return self._tok(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+@pytest.fixture
+def counting(tiny_engine, monkeypatch):
+    tok = _CountingTokenizer(tiny_engine.tokenizer)
+    monkeypatch.setattr(tiny_engine, "tokenizer", tok)
+    return tok
+
+
+def _fit_one_exchange_at_a_time(engine, messages, image):
+    """The fitting rule as first written (quadratic): drop the exchange after the first until the prompt fits."""
+    visual = image.tokens_out - 1 if image is not None else 0
+    head = 1 if messages[0]["role"] == "system" else 0
+    while True:
+        ids = tokenizer_image_token(engine.render_prompt(messages, image is not None), engine.tokenizer,
+                                    return_tensors="pt")
+        n = int(ids.shape[0]) + visual
+        if n <= engine.max_prompt_tokens or len(messages) - head <= 3:
+            return ids, n
+        messages = messages[:head + 2] + messages[head + 4:]
+
+
+def _conversation(rng, turns, system=False, words=("red", "square", "circle", "the", "big", ",", "?", "12",
+                                                       "<image>", "shapes", "left", "colour")):
+    msgs = [{"role": "system", "content": " ".join(rng.choices(words, k=rng.randint(0, 12)))}] if system else []
+    for t in range(turns):
+        k = rng.choice([0, 1, 3, 10, 30, 80])
+        text = " ".join(rng.choices(words, k=k)) if rng.random() < 0.8 else "".join(rng.choices("ab ,.xyz", k=k))
+        msgs.append({"role": "user" if t % 2 == 0 else "assistant", "content": text})
+    return validate_messages(msgs)
+
+
+def test_fitting_matches_dropping_one_exchange_at_a_time(tiny_engine):
+    import random
+
+    from llava_drip.serve.engine import ImageTokens
+    rng = random.Random(0)
+    image = ImageTokens(torch.zeros(1, 3, 8, 8), 64, 16)  # only its counts matter to fitting
+    checked = 0
+    for trial in range(80):
+        messages = _conversation(rng, rng.choice([1, 3, 5, 9, 21, 41, 81]), system=rng.random() < 0.3)
+        im = image if trial % 2 else None
+        ids, n = _fit_one_exchange_at_a_time(tiny_engine, messages, im)
+        if n > tiny_engine.max_prompt_tokens:  # even the always-kept part is too long: both refuse
+            with pytest.raises(ValueError, match="takes at most"):
+                tiny_engine._fit_prompt(messages, im, 8)
+            continue
+        got_ids, got_n, _ = tiny_engine._fit_prompt(messages, im, 8)
+        assert got_n == n and torch.equal(got_ids[0], ids), (trial, len(messages))
+        checked += 1
+    assert checked > 40
+
+
+def test_fitting_2001_turns_is_linear(tiny_engine, counting):
+    history = _user("hi")
+    for i in range(1000):
+        history += [{"role": "assistant", "content": f"hello there number {i}"}] + _user("tell me more")
+    total = sum(len(m["content"]) for m in history)
+    ids, n, _ = tiny_engine._fit_prompt(validate_messages(history), None, 8)
+    assert n <= tiny_engine.max_prompt_tokens
+    prompt = tiny_engine.tokenizer.decode(ids[0])
+    # each kept message about once, plus a few exact passes over the kept prompt; never the whole history
+    assert counting.chars < 8 * len(prompt) < total, (counting.chars, len(prompt), total)
+    assert "hello there number 999" in prompt and "hello there number 500" not in prompt  # the newest stay
+    _, stats = tiny_engine.chat(history, None, temperature=0, max_new_tokens=2)
+    assert stats.prompt_tokens == n
+
+
+def test_huge_message_is_refused_before_tokenising(tiny_engine, counting):
+    limit = tiny_engine.max_prompt_chars
+    assert limit >= 4 * tiny_engine.max_prompt_tokens
+    huge = "word " * (4 * 1024 * 1024 // 5)  # 4 MB
+    cases = [(_user(huge), "messages[0].content"),
+             ([{"role": "system", "content": huge}] + _user("hi"), "messages[0].content"),
+             (_user("hi") + [{"role": "assistant", "content": "yo"}] + _user(huge), "messages[2].content")]
+    for messages, param in cases:
+        for call in (tiny_engine.chat, tiny_engine.stream):
+            with pytest.raises(ValueError, match=r"characters; this model reads at most") as err:
+                call(messages, None, max_new_tokens=2)
+            assert err.value.param == param
+    assert counting.chars == 0
+    # a huge *middle* message is one fitting drops anyway: answered, and never tokenised
+    history = _user("hi") + [{"role": "assistant", "content": "yo"}, {"role": "user", "content": huge},
+                             {"role": "assistant", "content": "ok"}] + _user("and now?")
+    _, stats = tiny_engine.chat(history, None, temperature=0, max_new_tokens=2)
+    assert stats.prompt_tokens <= tiny_engine.max_prompt_tokens and counting.longest <= limit
+
+
+def test_encode_image_reads_bytes_and_refuses_a_pixel_bomb(tiny_engine, shapes_image, tmp_path):
+    import io
+
+    from llava_drip.image_io import ImageError
+    buf = io.BytesIO()
+    shapes_image.save(buf, "PNG")
+    assert tiny_engine.encode_image(buf.getvalue()).tokens_out == tiny_engine.encode_image(shapes_image).tokens_out
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(20000, 20000))
+    with pytest.raises(ImageError, match="over the limit") as err:
+        tiny_engine.encode_image(str(bomb))
+    assert err.value.kind == "too_large"
+
+
+def _png_header_only(w, h) -> bytes:
+    """A PNG whose header claims w x h: enough for a size check that reads only the header."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def no_eos(monkeypatch):
+    """Generation runs to max_new_tokens: the tiny model otherwise stops within a few tokens, too soon
+    for a cancel to be told apart from a natural end."""
+    plain = ChatEngine._generate_kwargs
+
+    def kwargs(self, *args, **kw):
+        return dict(plain(self, *args, **kw), suppress_tokens=[self.tokenizer.eos_token_id])
+    monkeypatch.setattr(ChatEngine, "_generate_kwargs", kwargs)
+
+
+def test_chat_cancel_stops_generation(tiny_engine, no_eos, caplog):
+    cancel = threading.Event()
+    timer = threading.Timer(0.3, cancel.set)
+    timer.start()
+    with caplog.at_level("INFO", logger="llava_drip"):
+        _, stats = tiny_engine.chat(_user("Hello"), None, temperature=0, max_new_tokens=600, cancel=cancel)
+    assert stats.finish_reason == "cancelled" and 1 <= stats.generated_tokens < 600
+    assert not tiny_engine._lock.locked()
+    assert f"generation cancelled after {stats.generated_tokens} of 600 new tokens" in caplog.text
+    _, stats = tiny_engine.chat(_user("Hello"), None, temperature=0, max_new_tokens=3)  # the engine is free
+    assert (stats.generated_tokens, stats.finish_reason) == (3, "length")
+
+
+def test_stream_close_stops_generation(tiny_engine, no_eos, caplog):
+    with caplog.at_level("INFO", logger="llava_drip"):
+        stream = tiny_engine.stream(_user("Hello"), None, temperature=0, max_new_tokens=600)
+        pieces = iter(stream)
+        next(pieces)
+        stream.close()
+        rest = list(pieces)  # ends soon: generation stops at the next token
+    assert stream.stats.finish_reason == "cancelled" and stream.stats.generated_tokens < 600
+    assert len(rest) < 600 and not tiny_engine._lock.locked()
+    assert "generation cancelled after" in caplog.text
+
+
+def test_cancel_while_waiting_gives_up_the_place(tiny_engine):
+    cancel, result = threading.Event(), {}
+
+    def waiter():
+        result["chat"] = tiny_engine.chat(_user("Hello"), None, max_new_tokens=4, cancel=cancel)
+        result["stream"] = tiny_engine.stream(_user("Hello"), None, max_new_tokens=4)
+
+    with tiny_engine._lock:  # another request holds the model
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(0.2)
+        cancel.set()
+        t.join(timeout=10)
+        assert "chat" in result, "a cancelled request kept waiting for the model"
+        stream = result["stream"]
+        stream.close()  # waiting too: closing it ends it without generating
+        assert list(stream) == []
+    text, stats = result["chat"]
+    assert (text, stats.generated_tokens, stats.finish_reason) == ("", 0, "cancelled")
+    assert (stream.stats.generated_tokens, stream.stats.finish_reason) == (0, "cancelled")

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 import pandas as pd
 from open_clip_train.data import CsvDataset
-from PIL import Image
+
+from llava_drip.image_io import ImageError, open_image
 
 _logger = logging.getLogger(__name__)
 
@@ -37,10 +38,9 @@ def _image_problem(path) -> str:
     if not os.path.isfile(path):
         return "missing image"
     try:
-        with Image.open(path) as im:
-            im.load()  # full decode: a truncated file passes Image.open but fails here, as it would in training
-    except Exception as e:  # PIL raises many types for bad files
-        return f"unreadable image ({type(e).__name__}: {e})"
+        open_image(path)  # full decode: a truncated file opens but fails here, as it would in training
+    except ImageError as e:
+        return f"unreadable image ({e})"
     return ""
 
 
@@ -69,6 +69,10 @@ class CheckedCsvDataset(CsvDataset):
             _logger.warning(f"{input_filename}: skipping {len(self.bad_rows)} of {self.num_rows} rows: "
                             + "; ".join(f"{r['image']} ({r['reason']})" for r in self.bad_rows[:5])
                             + (" ..." if len(self.bad_rows) > 5 else ""))
+
+    def __getitem__(self, idx):
+        # open_clip's own __getitem__ is Image.open + convert: read as every other path of the project does
+        return self.transforms(open_image(str(self.images[idx]))), self.tokenize([str(self.captions[idx])])[0]
 
     def _find_bad_rows(self) -> List[Dict]:
         distributed = dist.is_available() and dist.is_initialized()

@@ -7,7 +7,10 @@ duration of that call only, names that open_clip_train.main looks up when it run
   create_model_and_transforms  our factory (DRIP names -> DRIPCLIP, other names -> open_clip)
   create_loss                  open_clip's loss wrapped in DRIPLoss (+ boundary prior, non-finite guard)
   get_data                     CSV rows with missing/unreadable images filtered up front
-  pt_load                      remembers the LR schedule stored in the checkpoint being resumed
+  pt_load                      checks the file is tensors and plain data only (weights_only), then
+                               remembers the LR schedule stored in the checkpoint being resumed
+  get_latest_checkpoint        `--resume latest` takes the newest epoch_N.pt that loads, saying which it skipped
+  torch.save                   atomic (tmp file + fsync + rename): a kill never leaves a truncated epoch_N.pt
   cosine_lr / const_lr / ...   refuses a resume that would change the schedule; stores the schedule
   train_one_epoch              per-epoch reseeding, per-step timing/memory/ratio, skip of non-finite steps
 
@@ -34,6 +37,8 @@ from open_clip_train.distributed import is_master
 from open_clip_train.params import parse_args as oc_parse_args
 
 import llava_drip.drip as drip
+from llava_drip.checkpoints import (IncompleteCheckpointError, UnsafeCheckpointError, atomic_torch_save,
+                                    check_torch_file, pick_clip_checkpoint)
 from llava_drip.eval.io_utils import write_json
 
 from .data import CheckedCsvDataset
@@ -130,12 +135,22 @@ class _Run:
         return DRIPLoss(self.orig["create_loss"](args), self.opts.drip_loss_weight, self.monitor)
 
     def pt_load(self, path, map_location=None):
+        if not str(path).startswith(("s3://", "gs://", "http://", "https://")):
+            check_torch_file(path)  # open_clip_train's pt_load relies on torch's default weights_only
         ckpt = self.orig["pt_load"](path, map_location=map_location)
         if isinstance(ckpt, dict) and "epoch" in ckpt:
             self.resumed_from = path
             groups = ckpt.get("optimizer", {}).get("param_groups") or [{}]
             self.resumed_schedule = groups[0].get(SCHEDULE_KEY)
         return ckpt
+
+    def get_latest_checkpoint(self, path: str, remote: bool):
+        if remote:
+            return self.orig["get_latest_checkpoint"](path, remote)
+        found, skipped = pick_clip_checkpoint(path)
+        for p, why in skipped:
+            _logger.warning(f"resume: skipping {p}: {why}")
+        return found
 
     def get_data(self, args, preprocess_fns, epoch=0, tokenizer=None):
         self.args = args
@@ -222,6 +237,7 @@ class _Run:
             "create_loss": self.create_loss,
             "get_data": self.get_data,
             "pt_load": self.pt_load,
+            "get_latest_checkpoint": self.get_latest_checkpoint,
             "train_one_epoch": self.train_one_epoch,
             "cosine_lr": self.scheduler("cosine_lr"),
             "const_lr": self.scheduler("const_lr"),
@@ -239,6 +255,7 @@ class _Run:
             for name, fn in names.items():
                 stack.enter_context(_patch(oc_main, name, fn))
             stack.enter_context(_patch(torch.nn.parallel, "DistributedDataParallel", _CpuDDP))
+            stack.enter_context(_patch(torch, "save", atomic_torch_save))
             if self.classnames is not None:
                 stack.enter_context(_patch(oc_zero_shot, "IMAGENET_CLASSNAMES", self.classnames))
             if self.templates is not None:
@@ -298,6 +315,13 @@ def calibrate_run(run: "_Run", opts, oc_args, model_name: str):
                  format_distribution(reports[0]["calibration"], "held-out images"))
 
 
+def _known_model(name: str) -> bool:
+    import open_clip
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return True
+    return name in set(drip.list_models()) | set(open_clip.list_models())
+
+
 def _fail(msg: str):
     raise SystemExit(f"llava-drip clip-train: {msg}")
 
@@ -309,6 +333,9 @@ def main(argv=None) -> int:
     opts, rest = build_parser().parse_known_args(argv)
     oc_args = oc_parse_args(rest)  # the parser open_clip_train will use: a bad flag fails here, before any work
 
+    if not _known_model(oc_args.model):
+        _fail(f"unknown model {oc_args.model!r}. Available: {drip.list_models()} "
+              "(and every name in open_clip.list_models())")
     if _is_drip_name(oc_args.model):
         if oc_args.grad_clip_norm is None:
             # DRIP's reference added clipping at 1.0 after fp16 NaN blow-ups (spec 7.4)
@@ -353,7 +380,7 @@ def main(argv=None) -> int:
             except NonFiniteLossError as e:
                 _logger.error(str(e))
                 rc = 1
-            except (ScheduleMismatchError, DataError) as e:
+            except (ScheduleMismatchError, DataError, UnsafeCheckpointError, IncompleteCheckpointError) as e:
                 _logger.error(str(e))
                 rc = 2
     finally:

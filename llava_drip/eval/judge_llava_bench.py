@@ -10,8 +10,11 @@ the key from ``$OPENAI_API_KEY`` and the endpoint from ``$OPENAI_BASE_URL``.
 
 Differences, on purpose: answers are joined to questions by ``question_id`` (LLaVA zips lines),
 requests are retried with backoff and cached on disk (a rerun sends nothing it already has), and
-a reply without two scores is written with ``tuple: null`` and left out of the summary
-(``--llava-compat`` writes ``[-1, -1]`` as LLaVA does, which the summary then averages in).
+a reply without two scores from 1 to 10 on its first line (NaN, inf, 0 or 11 included) is written
+with ``tuple: null``, left out of the summary and counted there (``--llava-compat`` writes
+``[-1, -1]`` as LLaVA does, for LLaVA's own summarizer; ours leaves those out too). A reply with no
+text (no choices, no message, empty content) is retried like a failed request, then taken as
+unparsable and not cached, so a rerun asks again.
 
     OPENAI_API_KEY=... python llava_drip/eval/eval_gpt_review_bench.py --question questions.jsonl \
         --context context.jsonl --rule llava_drip/eval/table/rule.json \
@@ -23,6 +26,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -37,7 +41,7 @@ if not __package__:  # run as a file (python llava_drip/eval/X.py): import this 
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 from llava_drip.eval.io_utils import iter_jsonl, join_answers, read_json, read_jsonl_by_id, write_jsonl
-from llava_drip.eval.summarize_gpt_review import format_table, summarize
+from llava_drip.eval.summarize_gpt_review import SCORE_RANGES, format_table, summarize, usable_pair
 
 logger = logging.getLogger(__name__)
 
@@ -59,19 +63,37 @@ def build_content(caption: str, question: str, answer1: str, answer2: str, rule:
             f"[System]\n{rule['prompt']}\n\n")
 
 
-def parse_scores(review: str) -> list[float] | None:
+def parse_scores(review: str, score_range: tuple[float, float] = SCORE_RANGES["judge"]) -> list[float] | None:
     """Two scores from the first line ("8 9" or "8, 9"), else None.
 
-    LLaVA splits on single spaces, so "8  9" fails there; here any whitespace separates.
+    LLaVA splits on single spaces, so "8  9" fails there; here any whitespace separates. Scores
+    must be finite and inside ``score_range`` (the prompts ask for 1 to 10): float() also reads
+    "nan", "inf" and "1e308", which would poison every mean, so those are unparsable as well.
     """
-    first = review.strip().split("\n")[0] if review else ""
+    first = review.strip().split("\n")[0] if isinstance(review, str) else ""
     parts = first.replace(",", " ").split()
     if len(parts) != 2:
         return None
     try:
-        return [float(parts[0]), float(parts[1])]
+        pair = [float(parts[0]), float(parts[1])]
     except ValueError:
         return None
+    low, high = score_range
+    return pair if all(math.isfinite(x) and low <= x <= high for x in pair) else None
+
+
+def reply_text(resp) -> str:
+    """The reply's text, or "" when the response has none (no choices, no message, null content).
+
+    OpenAI-compatible servers do send such bodies (content filters, overloaded backends); the
+    client does not validate them, so every step is looked up defensively.
+    """
+    choices = getattr(resp, "choices", None)
+    if not choices or not isinstance(choices, list):
+        return ""
+    message = getattr(choices[0], "message", None)
+    content = getattr(message, "content", None)
+    return content if isinstance(content, str) else ""
 
 
 class JudgeCache:
@@ -127,17 +149,24 @@ class Judge:
                     self.num_requests += 1
                 resp = self.client.chat.completions.create(
                     model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens)
-                break
             except _RETRYABLE as e:
                 if attempt == self.max_retries:
                     raise RuntimeError(f"judge request failed {attempt + 1} times, last: {type(e).__name__}: {e}") from e
-                wait = self.retry_wait * 2 ** attempt
-                logger.warning("judge request failed (%s), retry %d/%d in %.1f s",
-                               type(e).__name__, attempt + 1, self.max_retries, wait)
-                time.sleep(wait)
-        reply = resp.choices[0].message.content or ""
-        self.cache.put(key, reply)
-        return reply
+                problem = f"judge request failed ({type(e).__name__})"
+            else:
+                reply = reply_text(resp)
+                if reply.strip():
+                    self.cache.put(key, reply)
+                    return reply
+                if attempt == self.max_retries:
+                    # Not cached: an empty reply is no answer, so a rerun asks again.
+                    logger.warning("judge reply without text %d times; taken as unparsable", attempt + 1)
+                    return ""
+                problem = "judge reply without text (no choices, no message or empty content)"
+            wait = self.retry_wait * 2 ** attempt
+            logger.warning("%s, retry %d/%d in %.1f s", problem, attempt + 1, self.max_retries, wait)
+            time.sleep(wait)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def load_rules(path: Path) -> dict[str, dict]:
@@ -236,14 +265,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         llava_compat=args.llava_compat, parallel=args.parallel)
     write_jsonl(args.output, reviews)
 
-    bad = [r["question_id"] for r in reviews if parse_scores(r["content"]) is None]
+    bad = [r["question_id"] for r in reviews if usable_pair(r["tuple"], "judge") is None]
     print(f"wrote {len(reviews)} reviews to {args.output} ({judge.num_requests} requests, "
           f"{len(reviews) - len(bad)} parsed)")
     if bad:
-        fate = "scored [-1, -1] (--llava-compat)" if args.llava_compat else "excluded from the summary"
-        print(f"{len(bad)} judge replies without two scores on the first line, {fate}: question_id {bad}")
-    if len(bad) < len(reviews) or args.llava_compat:
-        print(format_table(summarize([args.output])))
+        fate = ("written [-1, -1] (--llava-compat; LLaVA's summarizer averages them in, ours leaves them out)"
+                if args.llava_compat else "excluded from the summary")
+        print(f"{len(bad)} of {len(reviews)} judge replies unusable (no two scores from 1 to 10 on the first "
+              f"line), {fate}: question_id {bad}")
+    if len(bad) == len(reviews):
+        print("no usable judge reply: no score")
+        return 1
+    print(format_table(summarize([args.output])))
     return 0
 
 

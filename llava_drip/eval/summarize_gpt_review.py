@@ -15,9 +15,11 @@ Two figures per run and category:
 With several files the summary gives, per scorer, the mean of the runs' LLaVA figures (``mean``,
 the published convention) and, beside it, the mean of the unrounded scores (``mean_unrounded``).
 
-Lines whose tuple is null (judge output that could not be parsed, written by ``judge_llava_bench``
-without ``--llava-compat``) are excluded and counted. ``[-1, -1]`` tuples (LLaVA's own
-parse-failure value) are averaged in, exactly as LLaVA does.
+Unusable lines are left out of every figure and counted (``excluded``, the ``unusable`` column):
+a null tuple (a judge reply ``judge_llava_bench`` could not parse), and any pair that is not two
+finite numbers inside the scorer's scale (``SCORE_RANGES``: the judge's 1-10, the rule scorer's
+0-10). That includes ``[-1, -1]``, LLaVA's parse-failure value, which LLaVA averages in: a review
+file holding such lines gets a different (unbiased) figure here than LLaVA prints for it.
 
     python llava_drip/eval/summarize_gpt_review.py -f REVIEWS... [--json]
     python -m llava_drip.eval.summarize_gpt_review -d reviews/NAME [-s eval] [-v 0613]
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -42,6 +45,30 @@ COLUMNS = (("all", "Average"), ("conv", "Conversation"), ("detail", "Detail"), (
 _CATEGORY_PREFIX = "llava_bench_"
 # LLaVA's -d picks .jsonl files with these prefixes, or every .jsonl when the folder's path says "review".
 _REVIEW_PREFIXES = ("gpt4_text", "reviews_", "review_")
+# Inclusive scale of each scorer's scores. The judge prompts (LLaVA's and ours) ask for 1 to 10,
+# so a 0, a -1 or an 11 is a judge error, not a score; the rule scorer's 10 x mean of [0, 1]
+# measures can be 0. Lines without a scorer field are LLaVA's, from the judge.
+SCORE_RANGES = {"judge": (1.0, 10.0), "rule": (0.0, 10.0)}
+
+
+def usable_pair(pair, scorer: str = "judge") -> tuple[float, float] | None:
+    """``pair`` as two floats when both are finite numbers on ``scorer``'s scale, else None.
+
+    NaN would turn every mean into nan and inf or 1e308 would swamp it, so they count as unusable
+    like an unparsable reply. Strings and booleans are not scores either.
+    """
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+        return None
+    low, high = SCORE_RANGES.get(scorer, SCORE_RANGES["judge"])
+    out = []
+    for x in pair:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            return None
+        x = float(x)
+        if not (math.isfinite(x) and low <= x <= high):
+            return None
+        out.append(x)
+    return out[0], out[1]
 
 
 def llava_relative(pairs: list[tuple[float, float]]) -> tuple[float | None, float, float]:
@@ -72,7 +99,8 @@ def summarize_file(path: str | Path, ignore: set[str] = frozenset()) -> dict:
         ``{"file", "name", "scorer", "all", "conv", "detail", "complex", ..., "llava",
         "reference", "model", "count", "excluded"}``: unrounded relative scores per category at
         the top level (any extra category too); ``llava`` the same as LLaVA prints them (0.1);
-        ``reference``/``model`` the mean raw scores x 10 (unrounded).
+        ``reference``/``model`` the mean raw scores x 10 (unrounded); ``count`` the usable lines,
+        ``excluded`` the unusable ones (null tuple, or not two finite scores on the scale).
     """
     tuples: dict[str, list[tuple[float, float]]] = {"all": []}
     scorers: set[str] = set()
@@ -83,19 +111,21 @@ def summarize_file(path: str | Path, ignore: set[str] = frozenset()) -> dict:
         pair = review["tuple"] if "tuple" in review else review.get("score", "missing")
         if pair == "missing":
             raise ValueError(f"{path}:{lineno}: review has neither 'tuple' nor 'score'")
+        if pair is not None and (not isinstance(pair, (list, tuple)) or len(pair) != 2):
+            raise ValueError(f"{path}:{lineno}: expected two scores, got {pair!r}")
+        # LLaVA's own review files have no 'scorer' field: they come from the GPT judge.
+        scorer = review.get("scorer", "judge")
+        scorers.add(scorer)
+        pair = usable_pair(pair, scorer) if pair is not None else None
         if pair is None:
             excluded += 1
             continue
-        if len(pair) != 2:
-            raise ValueError(f"{path}:{lineno}: expected two scores, got {pair!r}")
-        pair = (float(pair[0]), float(pair[1]))
-        # LLaVA's own review files have no 'scorer' field: they come from the GPT judge.
-        scorers.add(review.get("scorer", "judge"))
         tuples["all"].append(pair)
         if "category" in review:
             tuples.setdefault(review["category"].removeprefix(_CATEGORY_PREFIX), []).append(pair)
     if not tuples["all"]:
-        raise ValueError(f"{path}: no usable review lines ({excluded} excluded)")
+        raise ValueError(f"{path}: no usable review lines ({excluded} unusable: null, or not two "
+                         f"finite scores on the scorer's scale)")
     if len(scorers) > 1:
         raise ValueError(f"{path}: reviews from several scorers {sorted(scorers)} in one file")
     out: dict = {"file": str(path), "name": run_name(path), "scorer": scorers.pop()}
@@ -185,7 +215,7 @@ def _cell(x: float | None, digits: int = 1) -> str:
 def format_table(summary: dict) -> str:
     """Rows (run, scorer, Average, Conversation, Detail, Reasoning) with the figures LLaVA prints,
     then per scorer the mean of the runs and, beside it, the unrounded mean."""
-    rows = [("run", "scorer", *(h for _, h in COLUMNS), "lines", "excluded")]
+    rows = [("run", "scorer", *(h for _, h in COLUMNS), "lines", "unusable")]
     for r in summary["runs"]:
         rows.append((r["name"], r["scorer"], *(_cell(r["llava"].get(c)) for c, _ in COLUMNS),
                      str(r["count"]), str(r["excluded"])))
@@ -197,6 +227,13 @@ def format_table(summary: dict) -> str:
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
+    bad = [r for r in summary["runs"] if r["excluded"]]
+    if bad:  # said in words too: a figure over fewer lines than asked must not pass unnoticed
+        lines.append("")
+        for r in bad:
+            low, high = SCORE_RANGES.get(r["scorer"], SCORE_RANGES["judge"])
+            lines.append(f"{r['name']}: {r['excluded']} of {r['count'] + r['excluded']} reviews unusable "
+                         f"(no two finite scores from {low:g} to {high:g}), left out of every figure")
     detail = ["", "per run, unrounded relative score; absolute scores x10 (reference -> model):"]
     for r in summary["runs"]:
         cells = [f"{c} {_cell(r.get(c), 3)}; {r['reference'][c]:.1f} -> {r['model'][c]:.1f}" for c in r["reference"]]

@@ -4,8 +4,13 @@ A folder is one of (this project's names and LLaVA's)
 - a full model:   config.json (model_type llava_llama or LLaVA's llava) + model*.safetensors / pytorch_model*.bin
 - LoRA + base:    adapter_config.json + non_lora_trainables.{bin,safetensors} + config.json; LLM from model_base
 - projector only: mm_projector.bin / .safetensors + config.json (stage 1); LLM from model_base
-Every load is strict: a missing or unexpected weight is an error, except a tower the folder leaves to
-its source (LLaVA's HF CLIP id, or this project's clip-train checkpoint), which is then loaded from there.
+Every load is strict: a missing or unexpected weight is an error naming the folder and the keys, except
+- a tower the folder leaves out entirely, loaded from its source (LLaVA's HF CLIP id, or this project's
+  clip-train checkpoint); a tower the folder holds only part of is refused,
+- a DRIP tower's calibration buffers (folders from before calibration existed): left uncalibrated,
+- what transformers itself rebuilds (tied lm_head under tie_word_embeddings, rotary inv_freq, position_ids).
+``load_pretrained_model(..., strict=False)`` (the name drip.factory.load_checkpoint uses) loads such a
+folder anyway, with the keys in a warning; missing weights then keep their random initialisation.
 """
 import json
 import logging
@@ -49,6 +54,9 @@ WEIGHT_FILES = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bi
 # buffers that older transformers saved and current ones rebuild: never a reason to refuse a checkpoint
 _REBUILT_BUFFERS = ("rotary_emb.inv_freq", "embeddings.position_ids")
 _TOWER, _PROJECTOR = "model.vision_tower.", "model.mm_projector."
+# DRIP calibration state (drip/tower.py), absent from folders saved before calibration existed
+_CALIB_BUFFERS = (".calib_quantiles", ".calib_target")
+_SHOW_KEYS = 8  # keys listed per kind in a mismatch message; the count gives the rest
 
 
 def checkpoint_kind(files) -> Optional[str]:
@@ -62,17 +70,57 @@ def checkpoint_kind(files) -> Optional[str]:
     return None
 
 
-def _from_pretrained(path: str, cfg, torch_dtype, allow_missing=()):
-    """from_pretrained that refuses missing / unexpected weights, except missing ones under allow_missing."""
+def _weights_mismatch(path: str, missing, unexpected=(), mismatched=(), strict: bool = True, why: str = ""):
+    """Refuse (strict) or warn about weights that do not match; a no-op when there are none."""
+    if not (missing or unexpected or mismatched):
+        return
+    missing, unexpected, mismatched = sorted(missing), sorted(unexpected), sorted(map(str, mismatched))
+    msg = (f"{path}: weights do not match the model{why}: missing {missing[:_SHOW_KEYS]} ({len(missing)}), "
+           f"unexpected {unexpected[:_SHOW_KEYS]} ({len(unexpected)}), mismatched {mismatched[:4]}")
+    if strict:
+        raise RuntimeError(msg + "; load_pretrained_model(..., strict=False) loads it anyway, "
+                                 "missing weights left randomly initialised")
+    _logger.warning("%s; loading anyway (strict=False): missing weights are randomly initialised, "
+                    "unexpected ones dropped", msg)
+
+
+def _from_pretrained(path: str, cfg, torch_dtype, allow_missing=(), strict: bool = True):
+    """from_pretrained that refuses missing / unexpected weights, except missing ones under allow_missing.
+
+    Returns the model and every missing key (allowed ones included), for the caller to settle those.
+    """
     model, info = LlavaLlamaForCausalLM.from_pretrained(path, config=cfg, torch_dtype=torch_dtype,
                                                         output_loading_info=True)
+    # transformers already drops tied weights (lm_head under tie_word_embeddings) from missing_keys
     unexpected = [k for k in info["unexpected_keys"] if not k.endswith(_REBUILT_BUFFERS)]
     missing = [k for k in info["missing_keys"] if not k.startswith(tuple(allow_missing))]
-    if missing or unexpected or info.get("mismatched_keys"):
-        raise RuntimeError(f"{path}: weights do not match the model: missing {missing[:8]} ({len(missing)}), "
-                           f"unexpected {unexpected[:8]} ({len(unexpected)}), "
-                           f"mismatched {list(info.get('mismatched_keys') or [])[:4]}")
+    _weights_mismatch(path, missing, unexpected, info.get("mismatched_keys") or (), strict)
     return model, set(info["missing_keys"])
+
+
+def _settle_tower(model, missing: set, path: str, cfg, strict: bool = True):
+    """A folder holds the whole tower (maybe without DRIP calibration), or none of it: then load it from its source.
+
+    Part of a tower is refused: swapping in the source's tower would silently drop the folder's trained
+    tower weights, and keeping it would run the gaps on random weights.
+    """
+    gone = {k for k in missing if k.startswith(_TOWER)}
+    if not gone:
+        return
+    held = {k for k in model.state_dict() if k.startswith(_TOWER)} - gone
+    if not held:  # LLaVA folders may leave the tower to its source
+        model.get_model().vision_tower = _tower_with_weights(cfg)
+        return
+    calib = {k for k in gone if k.endswith(_CALIB_BUFFERS)}
+    _weights_mismatch(path, gone - calib, strict=strict, why=" (the vision tower is only partly in the folder)")
+    if calib:
+        # as drip/tower.py does for pre-calibration clip checkpoints: uncalibrated, never uninitialised memory
+        for owner in {k.rsplit(".", 1)[0] for k in calib}:
+            tower = model.get_submodule(owner)
+            tower.calib_quantiles.fill_(float("nan"))
+            tower.calib_target.fill_(float(tower.prior))
+        _logger.info("%s: DRIP tower without calibration: 'calibrated' boundaries fall back to 'threshold' "
+                     "(logit > 0) until `llava-drip calibrate` is run", path)
 
 
 def _non_lora_trainables(model_path: str) -> dict:
@@ -120,8 +168,11 @@ def _tokenizer(path: str):
 
 def load_pretrained_model(model_path: str, model_base: Optional[str] = None, model_name: Optional[str] = None,
                           load_8bit: bool = False, load_4bit: bool = False, device_map=None, device: str = "cpu",
-                          torch_dtype: Optional[torch.dtype] = None, **unused):
+                          torch_dtype: Optional[torch.dtype] = None, strict: bool = True, **unused):
     """Return (tokenizer, model, image_processor, context_len) as LLaVA's builder does.
+
+    strict (default): a missing or unexpected weight in the folder (or in model_base) is a RuntimeError
+    naming the folder and the keys. strict=False loads it anyway, with the keys in a warning.
 
     model_name is accepted for LLaVA compatibility and ignored: the folder's files decide. Reads this
     project's folders and LLaVA's (config model_type 'llava' / 'llava_llama', pytorch_model*.bin shards,
@@ -146,12 +197,11 @@ def load_pretrained_model(model_path: str, model_base: Optional[str] = None, mod
     cfg = _llava_config(model_path)
     if kind == "full":
         tokenizer = _tokenizer(model_path)
-        model, missing = _from_pretrained(model_path, cfg, torch_dtype, allow_missing=(_TOWER,))
-        if any(k.startswith(_TOWER) for k in missing):  # LLaVA folders may leave the tower to its source
-            model.get_model().vision_tower = _tower_with_weights(cfg)
+        model, missing = _from_pretrained(model_path, cfg, torch_dtype, allow_missing=(_TOWER,), strict=strict)
+        _settle_tower(model, missing, model_path, cfg, strict=strict)
     else:
         tokenizer = _tokenizer(model_path if "tokenizer_config.json" in files else model_base)
-        model, _ = _from_pretrained(model_base, cfg, torch_dtype, allow_missing=(_TOWER, _PROJECTOR))
+        model, _ = _from_pretrained(model_base, cfg, torch_dtype, allow_missing=(_TOWER, _PROJECTOR), strict=strict)
         if kind == "projector":
             # the tower comes from its source (checkpoint or HF folder); the projector from this folder
             model.get_model().vision_tower = _tower_with_weights(cfg)

@@ -7,26 +7,53 @@ what the model was trained on). Prompts are rendered with the `vicuna_v1` templa
 A DRIP model serves any token budget without retraining (llava_drip.drip.budget): `budget="0.25"`
 keeps exactly round(0.25 N) visual tokens per image, `16` exactly 16, `"mean:0.25"` the calibrated
 cut (0.25 N on average, each image its own count); None is the model's default.
+
+Cost bounds (what keeps one request from starving the others):
+- a message that the model's context cannot hold is refused from its length in characters, before
+  anything is tokenised (`max_prompt_chars`: the context in tokens times the longest token's length);
+- an over-long conversation loses its oldest exchanges after the first, with each kept message
+  tokenised about once, so fitting costs time linear in what is kept, not quadratic in the turns;
+- `chat(..., cancel=event)` and `ChatStream.close()` stop generation at the next token, and a request
+  still waiting for the model gives up its place as soon as it is cancelled.
 """
 import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from llava_drip.constants import DEFAULT_IMAGE_TOKEN
 from llava_drip.conversation import get_conv_template
 from llava_drip.drip.budget import Budget, BudgetLike, parse_budget
+from llava_drip.image_io import open_image
+from llava_drip.image_io import to_rgb as _image_io_to_rgb
 from llava_drip.mm_utils import process_images, tokenizer_image_token
 from llava_drip.model.multimodal_encoder.towers import DRIPVisionTower
 
 _logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
+
+# how often a request waiting for the model looks at its cancel event
+_LOCK_POLL_S = 0.05
+
+
+class MessageError(ValueError):
+    """A conversation the engine refuses; `param` names the offending field ('messages[3].content')."""
+
+    def __init__(self, message: str, param: str = "messages"):
+        super().__init__(message)
+        self.param = param
+
+
+class Cancelled(Exception):
+    """Raised inside the engine when a request is cancelled before it reaches the model."""
 
 
 @dataclass
@@ -37,7 +64,7 @@ class ChatStats:
     prompt_tokens: int  # tokens the LLM prefilled: text plus visual
     generated_tokens: int
     latency_s: float
-    finish_reason: str = "stop"  # "stop" (EOS) or "length" (hit max_new_tokens)
+    finish_reason: str = "stop"  # "stop" (EOS), "length" (hit max_new_tokens) or "cancelled" (stopped early)
     budget: Optional[str] = None  # DRIP budget of the image ('0.25', '16', 'mean:0.25'); None: the model's default
 
     @property
@@ -75,9 +102,11 @@ def budget_text(budget: Optional[Budget]) -> Optional[str]:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB, transparency over white (inspect.tokens owns the conversion rules)."""
-    from llava_drip.inspect.tokens import to_rgb as _to_rgb
-    return _to_rgb(img)
+    """Any PIL mode -> RGB, transparency over white (llava_drip.image_io owns the conversion rules)."""
+    return _image_io_to_rgb(img)
+
+
+ImageInput = Union[Image.Image, str, os.PathLike, bytes]
 
 
 def validate_messages(messages: Sequence[dict]) -> List[dict]:
@@ -132,11 +161,35 @@ class ChatEngine:
         # prepare_inputs_labels_for_multimodal cuts embeddings at this length; keep prompts under it
         self.max_prompt_tokens = min(self.context_len,
                                      getattr(self.model.config, "tokenizer_model_max_length", None) or self.context_len)
+        # no token spans more characters than the vocabulary's longest entry, so a message longer than
+        # this many characters cannot fit whatever it says: refused before the (slow) tokeniser sees it.
+        # Capped at 32 a token: byte-level vocabularies hold 100+-character runs of spaces or dashes,
+        # which no real message is made of, and the bound is there to keep tokenising cheap.
+        longest = max((len(t) for t in self.tokenizer.get_vocab()), default=16)
+        self.max_prompt_chars = self.max_prompt_tokens * min(32, max(4, longest))
         self._lock = threading.Lock()
 
     @property
     def vision_tower(self):
         return self.model.get_vision_tower()
+
+    @contextmanager
+    def _turn(self, cancel: Optional[threading.Event] = None):
+        """Hold the model; while waiting for it, give up (Cancelled) once `cancel` is set, so a request
+        whose client has gone does not keep a place in the line."""
+        if cancel is None:
+            self._lock.acquire()
+        else:
+            while not self._lock.acquire(timeout=_LOCK_POLL_S):
+                if cancel.is_set():
+                    raise Cancelled()
+            if cancel.is_set():
+                self._lock.release()
+                raise Cancelled()
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     # ---- budgets ----------------------------------------------------------------------------------------
     @property
@@ -187,16 +240,18 @@ class ChatEngine:
         return parsed
 
     # ---- inputs ---------------------------------------------------------------------------------------
-    def encode_image(self, image: Image.Image, budget: BudgetLike = None) -> ImageTokens:
+    def encode_image(self, image: ImageInput, budget: BudgetLike = None) -> ImageTokens:
         """Preprocess one image (any mode or size) and count the visual tokens the tower keeps.
 
         Args:
-            image: PIL image of any mode or size.
+            image: PIL image of any mode or size, or a path / bytes read with llava_drip.image_io.open_image
+                (pixel limit checked from the header; ImageError, a ValueError, when it cannot be used).
             budget: DRIP tokens to keep ('0.25', 16, 'mean:0.25'; see llava_drip.drip.budget); None:
                 the model's default. ValueError for a bad budget or a budget on a non-DRIP tower.
         """
         parsed = self.resolve_budget(budget)
-        pixels = process_images([to_rgb(image)], self.image_processor, self.model.config)
+        rgb = to_rgb(image) if isinstance(image, Image.Image) else open_image(image)
+        pixels = process_images([rgb], self.image_processor, self.model.config)
         return self._count(pixels.to(self.device, dtype=self.model.dtype), parsed)
 
     @torch.no_grad()
@@ -231,29 +286,100 @@ class ChatEngine:
         conv.append_message(conv.roles[1], None)
         return conv.get_prompt()
 
+    def check_prompt_length(self, messages: Sequence[dict]) -> List[dict]:
+        """Refuse, from character counts alone, a conversation whose always-kept part cannot fit.
+
+        Fitting may drop middle exchanges but always keeps the system message, the first exchange (it
+        carries the image) and the last user turn; if one of those is over `max_prompt_chars` the prompt
+        can never fit, and tokenising megabytes only to say so would hold a worker for minutes.
+        Returns the validated messages; MessageError names the field (messages[i].content).
+        """
+        messages = validate_messages(messages)
+        head = 1 if messages[0]["role"] == "system" else 0
+        kept = sorted({*range(head + min(2, len(messages) - head)), len(messages) - 1})
+        limit = self.max_prompt_chars
+        for i in kept:
+            n = len(messages[i]["content"])
+            if n > limit:
+                raise MessageError(f"messages[{i}].content is {n} characters; this model reads at most "
+                                   f"{self.max_prompt_tokens} tokens (at most {limit} characters): shorten it",
+                                   f"messages[{i}].content")
+        total = sum(len(messages[i]["content"]) for i in kept)
+        if total > limit:
+            raise MessageError(f"messages {kept} (always kept: system, first exchange, last user turn) hold "
+                               f"{total} characters; this model reads at most {self.max_prompt_tokens} tokens "
+                               f"(at most {limit} characters): shorten them")
+        return messages
+
+    def _text_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text.replace(DEFAULT_IMAGE_TOKEN, ""), add_special_tokens=False).input_ids)
+
     def _fit_prompt(self, messages: List[dict], image: Optional[ImageTokens], max_new_tokens: int):
         """Tokenize, dropping the oldest exchanges after the first (it carries the image) if too long.
+
+        The result is the one of dropping exchanges one at a time until the prompt fits, but the cost is
+        linear: each middle message is tokenised on its own once (newest first, stopping when the room
+        is used up), and a few exact tokenisations of the kept prompt settle the boundary.
 
         Returns (input_ids [1, T] with the -200 sentinel, prompt tokens the LLM sees, max_new_tokens).
         """
         visual = image.tokens_out - 1 if image is not None else 0  # the sentinel becomes G tokens
         head = 1 if messages[0]["role"] == "system" else 0
         given = len(messages)
-        while True:
-            ids = tokenizer_image_token(self.render_prompt(messages, image is not None), self.tokenizer,
-                                        return_tensors="pt")
-            n_prompt = int(ids.shape[0]) + visual
-            turns = len(messages) - head
-            if n_prompt <= self.max_prompt_tokens or turns <= 3:
-                break
-            # keep the first user turn and its answer; drop the next exchange
-            messages = messages[:head + 2] + messages[head + 4:]
-        if len(messages) < given:
-            _logger.info("dropped %d old messages to fit the prompt in %d tokens", given - len(messages),
+        with_image = image is not None
+        first, middle, last = messages[:head + 2], messages[head + 2:-1], messages[-1:]
+        n_exchanges = len(middle) // 2 if given - head > 3 else 0  # (user, assistant) pairs that may go
+
+        def tokenize(dropped: int):
+            kept = messages if n_exchanges == 0 else first + middle[2 * dropped:] + last
+            ids = tokenizer_image_token(self.render_prompt(kept, with_image), self.tokenizer, return_tensors="pt")
+            return ids, int(ids.shape[0]) + visual
+
+        def fits(n: int) -> bool:
+            return n <= self.max_prompt_tokens
+
+        def small_enough(j: int) -> bool:  # exchange j could be tokenised (and kept) at all
+            return len(middle[2 * j]["content"]) + len(middle[2 * j + 1]["content"]) <= self.max_prompt_chars
+
+        dropped = 0
+        ids, n_prompt = tokenize(0) if n_exchanges == 0 else tokenize(n_exchanges)  # the always-kept part
+        if n_exchanges and fits(n_prompt):
+            # what one exchange costs beyond its text (role names, separators), measured on this template
+            probe = first + [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}] + last
+            n_probe = int(tokenizer_image_token(self.render_prompt(probe, with_image), self.tokenizer,
+                                                return_tensors="pt").shape[0]) + visual
+            overhead = n_probe - n_prompt - self._text_tokens("x") - self._text_tokens("y")
+            room, kept = self.max_prompt_tokens - n_prompt, 0
+            for j in range(n_exchanges - 1, -1, -1):  # newest first: the oldest go first
+                if not small_enough(j):
+                    break
+                cost = (self._text_tokens(middle[2 * j]["content"]) +
+                        self._text_tokens(middle[2 * j + 1]["content"]) + overhead)
+                if cost > room:
+                    break
+                room -= cost
+                kept += 1
+            # the estimate ignores merges across message boundaries: settle it on exact counts
+            dropped = n_exchanges - kept
+            ids, n_prompt = tokenize(dropped)
+            if fits(n_prompt):
+                while dropped > 0 and small_enough(dropped - 1):
+                    more_ids, more = tokenize(dropped - 1)
+                    if not fits(more):
+                        break
+                    dropped, ids, n_prompt = dropped - 1, more_ids, more
+            else:
+                while not fits(n_prompt) and dropped < n_exchanges:
+                    dropped += 1
+                    ids, n_prompt = tokenize(dropped)
+        elif n_exchanges:
+            dropped = n_exchanges
+        if dropped:
+            _logger.info("dropped %d old messages to fit the prompt in %d tokens", 2 * dropped,
                          self.max_prompt_tokens)
-        if n_prompt > self.max_prompt_tokens:
-            raise ValueError(f"the prompt is {n_prompt} tokens (visual {visual + 1 if image else 0}); "
-                             f"this model takes at most {self.max_prompt_tokens}")
+        if not fits(n_prompt):
+            raise MessageError(f"the prompt is {n_prompt} tokens (visual {visual + 1 if image else 0}); "
+                               f"this model takes at most {self.max_prompt_tokens}")
         max_new_tokens = max(1, min(int(max_new_tokens), self.context_len - n_prompt))
         return ids.unsqueeze(0), n_prompt, max_new_tokens
 
@@ -271,7 +397,7 @@ class ChatEngine:
         return kwargs
 
     def _prepare(self, messages, image, temperature, top_p, max_new_tokens, budget):
-        messages = validate_messages(messages)
+        messages = self.check_prompt_length(messages)  # validates too; before any image or tokeniser work
         if not 0 <= float(temperature) <= 2:
             raise ValueError(f"temperature must be in [0, 2], got {temperature}")
         if not 0 < float(top_p) <= 1:
@@ -283,12 +409,29 @@ class ChatEngine:
         ids = ids.to(self.device)
         return tokens, n_prompt, self._generate_kwargs(ids, tokens, temperature, top_p, max_new), ids
 
-    def _stats(self, tokens, n_prompt, new_ids: torch.Tensor, max_new: int, t0: float) -> ChatStats:
+    def _stats(self, tokens, n_prompt, new_ids: torch.Tensor, max_new: int, t0: float,
+               cancelled: bool = False) -> ChatStats:
         ended = bool(new_ids.numel()) and int(new_ids[-1]) == self.tokenizer.eos_token_id
+        n = int(new_ids.numel())
+        reason = "stop" if ended else "length" if n >= max_new else "cancelled" if cancelled else "stop"
         return ChatStats(tokens.tokens_in if tokens else 0, tokens.tokens_out if tokens else 0, n_prompt,
-                         int(new_ids.numel()), time.perf_counter() - t0,
-                         "length" if (not ended and new_ids.numel() >= max_new) else "stop",
-                         tokens.budget if tokens else None)
+                         n, time.perf_counter() - t0, reason, tokens.budget if tokens else None)
+
+    def _generate(self, ids, kwargs, cancel: Optional[threading.Event]) -> torch.Tensor:
+        """New token ids; stops at the next token once `cancel` is set (empty if cancelled while waiting)."""
+        if cancel is not None:
+            kwargs = dict(kwargs, stopping_criteria=StoppingCriteriaList([_CancelCriteria(cancel)]))
+        try:
+            with self._turn(cancel):
+                return self.model.generate(ids, **kwargs)[0]
+        except Cancelled:
+            return torch.zeros(0, dtype=torch.long)
+
+    def _log_cancel(self, new_ids: torch.Tensor, max_new: int) -> None:
+        """Say in the log that an answer was cut short (the log is where an operator sees abandoned requests)."""
+        n = int(new_ids.numel())
+        if n < max_new and not (n and int(new_ids[-1]) == self.tokenizer.eos_token_id):
+            _logger.info("generation cancelled after %d of %d new tokens", n, max_new)
 
     def _decode(self, new_ids: torch.Tensor) -> str:
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
@@ -299,7 +442,8 @@ class ChatEngine:
 
     # ---- answering --------------------------------------------------------------------------------------
     def chat(self, messages: Sequence[dict], image: "Image.Image | ImageTokens | None" = None,
-             temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 128, budget: BudgetLike = None):
+             temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 128, budget: BudgetLike = None,
+             cancel: Optional[threading.Event] = None):
         """Answer the last user message. Returns (text, ChatStats).
 
         Args:
@@ -308,13 +452,16 @@ class ChatEngine:
             temperature: 0 for greedy decoding.
             budget: DRIP visual tokens for the image ('0.25', 16, 'mean:0.25'); None: an ImageTokens'
                 own budget, else the model's default. The stats report the budget and the kept count.
+            cancel: set it (from any thread) to stop: generation ends at the next token, or never starts
+                if the request is still waiting for the model; finish_reason is then "cancelled".
         """
         t0 = time.perf_counter()
         tokens, n_prompt, kwargs, ids = self._prepare(messages, image, temperature, top_p, max_new_tokens, budget)
-        with self._lock:
-            out = self.model.generate(ids, **kwargs)
-        new_ids = out[0]
-        return self._decode(new_ids), self._stats(tokens, n_prompt, new_ids, kwargs["max_new_tokens"], t0)
+        new_ids = self._generate(ids, kwargs, cancel)
+        cancelled = cancel is not None and cancel.is_set()
+        if cancelled:
+            self._log_cancel(new_ids, kwargs["max_new_tokens"])
+        return self._decode(new_ids), self._stats(tokens, n_prompt, new_ids, kwargs["max_new_tokens"], t0, cancelled)
 
     def stream(self, messages: Sequence[dict], image: "Image.Image | ImageTokens | None" = None,
                temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 128,
@@ -325,8 +472,18 @@ class ChatEngine:
         """
         t0 = time.perf_counter()
         tokens, n_prompt, kwargs, ids = self._prepare(messages, image, temperature, top_p, max_new_tokens, budget)
-        return ChatStream(self, ids, kwargs, lambda new_ids: self._stats(tokens, n_prompt, new_ids,
-                                                                          kwargs["max_new_tokens"], t0))
+        return ChatStream(self, ids, kwargs, lambda new_ids, cancelled: self._stats(
+            tokens, n_prompt, new_ids, kwargs["max_new_tokens"], t0, cancelled))
+
+
+class _CancelCriteria(StoppingCriteria):
+    """Ends generation at the next token once an event is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kw):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class ChatStream:
@@ -336,14 +493,9 @@ class ChatStream:
     """
 
     def __init__(self, engine: ChatEngine, ids: torch.Tensor, kwargs: dict, make_stats):
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import TextIteratorStreamer
         self._cancel = threading.Event()
-        cancel = self._cancel
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kw):
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
+        self._stop_hit = False  # the template's stop string ended the answer: a normal stop, not a cancel
         # generate gets inputs_embeds, so its first put() is an empty prompt: skip_prompt drops it
         self._streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
         self._engine, self._make_stats = engine, make_stats
@@ -351,14 +503,17 @@ class ChatStream:
         self._new_ids: Optional[torch.Tensor] = None
         self.text = ""
         self.stats: Optional[ChatStats] = None
-        kwargs = dict(kwargs, streamer=self._streamer, stopping_criteria=StoppingCriteriaList([_Cancelled()]))
+        kwargs = dict(kwargs, streamer=self._streamer)
         self._thread = threading.Thread(target=self._run, args=(ids, kwargs), daemon=True)
         self._thread.start()
 
     def _run(self, ids, kwargs):
         try:
-            with self._engine._lock:
-                self._new_ids = self._engine.model.generate(ids, **kwargs)[0]
+            self._new_ids = self._engine._generate(ids, kwargs, self._cancel)
+            if not self._new_ids.numel():  # cancelled before generate started: nothing will end the streamer
+                self._streamer.end()
+            if self._cancel.is_set() and not self._stop_hit:  # here: the consumer may never read the stats
+                self._engine._log_cancel(self._new_ids, kwargs["max_new_tokens"])
         except BaseException as e:  # handed to the consumer thread, which re-raises it
             self._error = e
             self._streamer.end()
@@ -372,6 +527,7 @@ class ChatStream:
                     continue
                 if stop and stop in self.text + piece:  # a template whose stop string is plain text
                     piece = (self.text + piece)[:(self.text + piece).index(stop)][len(self.text):]
+                    self._stop_hit = True
                     if piece:
                         self.text += piece
                         yield piece
@@ -386,10 +542,11 @@ class ChatStream:
         if self._error is not None:
             raise self._error
         new_ids = self._new_ids if self._new_ids is not None else torch.zeros(0, dtype=torch.long)
-        self.stats = self._make_stats(new_ids)
+        self.stats = self._make_stats(new_ids, self._cancel.is_set() and not self._stop_hit)
         self.text = self._engine._decode(new_ids) if not self._cancel.is_set() else self.text.strip()
 
     def close(self):
+        """Stop generating (at the next token; at once if still waiting for the model). Idempotent."""
         self._cancel.set()
 
     def __enter__(self):
@@ -400,5 +557,5 @@ class ChatStream:
         self._thread.join()
 
 
-__all__ = ["ChatEngine", "ChatStats", "ChatStream", "ImageTokens", "budget_text", "visual_token_summary",
-           "validate_messages"]
+__all__ = ["Cancelled", "ChatEngine", "ChatStats", "ChatStream", "ImageTokens", "MessageError", "budget_text",
+           "visual_token_summary", "validate_messages"]

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from llava_drip.image_io import ImageError, open_image
 from llava_drip.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from llava_drip.conversation import Conversation, SeparatorStyle
 from llava_drip.mm_utils import expand2square, tokenizer_image_token, tokenizer_is_legacy
@@ -360,9 +360,8 @@ class LazySupervisedDataset(Dataset):
     def load_image(self, rec) -> torch.Tensor:
         path = os.path.join(self.image_folder, rec["image"])
         try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except Exception as e:  # PIL raises several types for corrupt files
+            img = open_image(path)
+        except ImageError as e:
             raise BadSample(f"unreadable image {path}: {e}") from e
         if self.image_aspect_ratio == "pad":
             img = expand2square(img, tuple(int(x * 255) for x in self.image_processor.image_mean))
@@ -409,7 +408,9 @@ class DataCollatorForSupervisedDataset:
         mask = torch.zeros_like(ids, dtype=torch.bool)
         for j, x in enumerate(instances):
             mask[j, : len(x["input_ids"])] = True
-        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask,
+                 # popped by the trainer before forward; names the records of a skipped non-finite batch
+                 "sample_ids": [str(x.get("id")) for x in instances]}
         if self.image_shape is not None:
             # text-only samples get a zero image used with zero length (same modules on every rank)
             batch["images"] = torch.stack([x["image"] if "image" in x else torch.zeros(self.image_shape)

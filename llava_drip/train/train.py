@@ -8,6 +8,7 @@ Launch as LLaVA users do:
 import contextlib
 import json
 import logging
+import math
 import os
 import pathlib
 import re
@@ -23,6 +24,8 @@ import torch
 import transformers
 from transformers import Trainer
 
+from llava_drip.checkpoints import (UnsafeCheckpointError, atomic_torch_save, llava_checkpoint_problem,
+                                    pick_llava_checkpoint)
 from llava_drip.conversation import get_conv_template
 from llava_drip.model import LlavaConfig, LlavaLlamaForCausalLM
 from llava_drip.utils import atomic_save_tensors
@@ -82,6 +85,9 @@ class TrainingArguments(transformers.TrainingArguments):
     freeze_mm_mlp_adapter: bool = False
     remove_unused_columns: bool = False
     bits: int = 16
+    max_skipped_steps: int = field(default=10, metadata={
+        "help": "stop after this many consecutive micro-batches with a non-finite loss (each is skipped: no "
+                "backward, no optimizer step)"})
 
 
 # Flags LLaVA-1.5's scripts pass that transformers 5 renamed: old name -> new name.
@@ -92,6 +98,10 @@ MULTIMODAL_MODULES = ("mm_projector", "vision_tower", "vision_resampler")
 
 class ArgumentError(ValueError):
     """A training flag that cannot be honoured; the message names it."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after --max_skipped_steps consecutive micro-batches had a non-finite loss."""
 
 
 def translate_legacy_flags(argv, cuda: Optional[bool] = None):
@@ -150,9 +160,96 @@ def lora_target_modules(model) -> str:
 
 
 class LLaVATrainer(Trainer):
+    """LLaVA's trainer (modality-grouped batches, projector lr) plus a non-finite loss guard.
+
+    A micro-batch whose loss is NaN/inf on any rank is skipped on every rank: no backward, so no
+    gradient reaches the optimizer and neither weights nor Adam moments move (with gradient
+    accumulation the window's other micro-batches still step). Skips are counted with their
+    sample ids; --max_skipped_steps in a row stop the run.
+    """
+
     def __init__(self, *args, modality_lengths=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.modality_lengths = modality_lengths
+        self.skipped_nonfinite = []  # {"step", "loss", "ids"} per skipped micro-batch
+        self._consecutive_skips = 0
+        self._skip_backward = False
+        self._skips_since_log = 0
+        self._last_log_step = 0
+
+    def log(self, logs, *args, **kwargs):
+        # HF's nan filter logs a skipped step as the window's running mean: 0 when the window is that
+        # step alone. Say what happened instead.
+        if "loss" in logs and self._skips_since_log:
+            steps = max(1, self.state.global_step - self._last_log_step) * self.args.gradient_accumulation_steps
+            logs["nonfinite_skipped"] = self._skips_since_log
+            if self._skips_since_log >= steps:
+                logs["loss"] = float("nan")
+        if "loss" in logs:
+            self._skips_since_log, self._last_log_step = 0, self.state.global_step
+        return super().log(logs, *args, **kwargs)
+
+    def _install_backward_guard(self):
+        # the Trainer calls accelerator.backward right after compute_loss; DeepSpeed's engine.step
+        # runs inside it, so skipping it skips the step on every engine
+        accel = self.accelerator
+        if getattr(accel.backward, "_llava_drip_guard", False):
+            return
+        real_backward = accel.backward
+
+        def backward(loss, **kwargs):
+            if self._skip_backward:
+                self._skip_backward = False
+                return None
+            return real_backward(loss, **kwargs)
+
+        backward._llava_drip_guard = True
+        accel.backward = backward
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._install_backward_guard()
+        self._skip_backward = False
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids = inputs.pop("sample_ids", None)
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                   num_items_in_batch=num_items_in_batch)
+        if model.training:
+            self._check_finite(out[0] if return_outputs else out, ids)
+        return out
+
+    def _check_finite(self, loss, ids):
+        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], device=loss.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # every rank skips together
+        if bad.item() == 0.0:
+            self._consecutive_skips = 0
+            return
+        self._skip_backward = True
+        self._consecutive_skips += 1
+        self._skips_since_log += 1
+        step = self.state.global_step + 1
+        mine = (float(loss.detach().float().mean()), [str(i) for i in ids or []])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            every = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every, mine)
+        else:
+            every = [mine]
+        losses = [l for l, _ in every]
+        bad_ids = [i for l, r in every if not math.isfinite(l) for i in r]
+        rec = {"step": step, "losses": losses, "ids": bad_ids}
+        self.skipped_nonfinite.append(rec)
+        shown = ", ".join(bad_ids[:8]) or "ids unknown"
+        _logger.warning("step %d: non-finite loss %s (samples %s); micro-batch skipped on every rank, no weight "
+                        "or optimizer update (%d in a row, limit %d)", step, losses, shown,
+                        self._consecutive_skips, self.args.max_skipped_steps)
+        if self._consecutive_skips >= self.args.max_skipped_steps:
+            raise NonFiniteLossError(
+                f"stopping at step {step}: {self._consecutive_skips} micro-batches in a row had a non-finite loss "
+                f"(last: samples {shown}). No update was applied for them, so the weights are those of the last "
+                f"finite step (and of the last checkpoint in {self.args.output_dir}). Check those images/records, "
+                f"lower --learning_rate, or use bf16/fp32 instead of fp16; --max_skipped_steps raises the limit.")
 
     def _get_train_sampler(self, train_dataset=None):
         if self.modality_lengths is not None:
@@ -376,8 +473,53 @@ def parse_args(argv=None):
     return model_args, data_args, training_args, notes
 
 
+def resume_checkpoint(training_args) -> Optional[str]:
+    """The checkpoint to resume from: --resume_from_checkpoint as given (checked), or the newest complete one
+    in output_dir (LLaVA's rerun-to-resume). Incomplete ones (a kill mid-save) are skipped and named; one
+    holding pickled objects is refused, since DeepSpeed loads its engine files with weights_only=False."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    given = training_args.resume_from_checkpoint
+    if given not in (None, "", "True", "true", "latest"):
+        why = llava_checkpoint_problem(given, world)
+        if why:
+            raise ArgumentError(f"--resume_from_checkpoint {given}: {why}")
+        return given
+    found, skipped = pick_llava_checkpoint(training_args.output_dir, world)
+    if _rank0():
+        for path, why in skipped:
+            _logger.warning("resume: skipping %s: %s", path, why)
+        if found:
+            _logger.info("resume: continuing from %s", found)
+    if found is None and given not in (None, ""):
+        raise ArgumentError(f"--resume_from_checkpoint {given}: no complete checkpoint-N in {training_args.output_dir}")
+    return found
+
+
+@contextlib.contextmanager
+def _atomic_torch_save():
+    real = torch.save
+    torch.save = atomic_torch_save
+    try:
+        yield
+    finally:
+        torch.save = real
+
+
+def _check_tower_name(model_args):
+    if not model_args.vision_tower:
+        return
+    from llava_drip.drip.factory import list_models
+    from llava_drip.model.multimodal_encoder.builder import resolve_tower_type
+    try:
+        resolve_tower_type(model_args.vision_tower, model_args.vision_tower_type)
+    except ValueError as e:
+        raise ArgumentError(f"--vision_tower: unknown model {model_args.vision_tower!r}. Available: {list_models()} "
+                            f"(or any open_clip model, an HF CLIP folder or hub id) [{e}]") from None
+
+
 def train(argv=None, attn_implementation: Optional[str] = None):
     model_args, data_args, training_args, notes = parse_args(argv)
+    _check_tower_name(model_args)
     if model_args.attn_implementation is None:
         model_args.attn_implementation = attn_implementation
     logging.basicConfig(level=logging.INFO if _rank0() else logging.WARNING,
@@ -394,6 +536,9 @@ def train(argv=None, attn_implementation: Optional[str] = None):
         import deepspeed
         _ = training_args.device
         deepspeed.init_distributed(dist_backend="gloo" if training_args.use_cpu else "nccl")
+    # the projector (and a LoRA adapter) are initialised here, before the Trainer seeds: seed now so a run
+    # depends on --seed alone, not on what the process did before
+    transformers.set_seed(training_args.seed)
     model = build_model(model_args, training_args)
     core = model.get_base_model() if training_args.lora_enable else model
     tower = core.get_vision_tower() if model_args.vision_tower else None
@@ -423,10 +568,9 @@ def train(argv=None, attn_implementation: Optional[str] = None):
     trainer = LLaVATrainer(model=model, args=training_args, train_dataset=dataset,
                            data_collator=DataCollatorForSupervisedDataset(tokenizer, image_shape),
                            processing_class=tokenizer, modality_lengths=lengths)
-    resume = training_args.resume_from_checkpoint
-    if resume is None and list(pathlib.Path(training_args.output_dir).glob("checkpoint-*")):
-        resume = True
-    trainer.train(resume_from_checkpoint=resume)
+    resume = resume_checkpoint(training_args)
+    with _atomic_torch_save():  # optimizer/scheduler/rng and DeepSpeed's engine files
+        trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
     core.config.use_cache = True
     rank0 = trainer.is_world_process_zero()
@@ -446,9 +590,10 @@ def train(argv=None, attn_implementation: Optional[str] = None):
         torch.distributed.barrier()
     bad = BadSampleLog.collect(bad_dir)
     if rank0:
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and math.isfinite(h["loss"])]
         summary = {"skipped": len(bad), "skipped_ids": sorted(bad), "reasons": bad, "losses": losses,
-                   "train_samples": len(dataset)}
+                   "train_samples": len(dataset), "nonfinite_skipped": len(trainer.skipped_nonfinite),
+                   "nonfinite_steps": trainer.skipped_nonfinite}
         with open(os.path.join(training_args.output_dir, "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         if bad:
@@ -457,6 +602,13 @@ def train(argv=None, attn_implementation: Optional[str] = None):
                 print(f"  {sid}: {reason}", file=sys.stderr)
         else:
             print("skipped 0 bad samples")
+        nf = trainer.skipped_nonfinite
+        if nf:
+            print(f"skipped {len(nf)} micro-batches with a non-finite loss (no update applied):", file=sys.stderr)
+            for r in nf[:20]:
+                print(f"  step {r['step']}: samples {', '.join(r['ids']) or '?'}", file=sys.stderr)
+        else:
+            print("skipped 0 non-finite steps")
     return trainer
 
 
@@ -466,6 +618,13 @@ def main(argv=None, attn_implementation: Optional[str] = None):
     except ArgumentError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except UnsafeCheckpointError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except NonFiniteLossError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)  # every rank stops together; skip gloo/NCCL teardown, which can hang after an abort
     # multi-rank CPU runs can abort in gloo teardown at interpreter exit after finishing: end cleanly
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
