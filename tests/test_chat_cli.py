@@ -51,7 +51,8 @@ def test_chat_bad_image_fails_before_loading(tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
     r = _chat(["--model-path", str(tmp_path / "no-model"), "--image-file", str(bad)])
-    assert r.returncode == 2 and "cannot read image" in r.stderr and str(bad) in r.stderr
+    assert r.returncode == 2 and "llava-drip chat: --image-file: " in r.stderr and str(bad) in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("command", ["chat", "serve-api", "demo"])

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+import torch
+from test_cli_errors import BAD_KINDS, NEEDLE, write_bad_images
 from tiny_model import tiny_engine, tiny_llava  # noqa: F401  (fixtures)
 
-from llava_drip.serve.demo import (MODE_DEFAULT, MODE_EXACT, MODE_MEAN, DemoActions, budget_modes, budget_spec,
-                                   build_demo, example_images, model_markdown)
+from llava_drip.serve.demo import (MAX_UPLOAD_MB, MODE_DEFAULT, MODE_EXACT, MODE_MEAN, DemoActions, budget_modes,
+                                   budget_spec, build_demo, example_images, launch, model_markdown)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -45,9 +47,14 @@ def examples(tmp_path_factory):
 def demo_url(tiny_engine, examples):
     demo = build_demo(tiny_engine, examples)
     port = _free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    launch(demo, "127.0.0.1", port)  # as `llava-drip demo` starts it: the upload limit included
     yield f"http://127.0.0.1:{port}/", examples
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def bad_uploads(tmp_path_factory):
+    return write_bad_images(tmp_path_factory.mktemp("bad-uploads"))
 
 
 def _kept(text: str):
@@ -70,20 +77,20 @@ def test_budget_spec_and_modes(tiny_engine):
 def test_budget_control_updates_count_and_map(tiny_engine, examples):
     actions = DemoActions(tiny_engine)
     image = Image.open(examples[0][0])
-    text, default_map = actions.show_image(image, MODE_DEFAULT, 0.25)  # untouched: the model's default
+    text, default_map, _ = actions.show_image(image, MODE_DEFAULT, 0.25)  # untouched: the model's default
     assert _kept(text) == (tiny_engine.encode_image(image).tokens_out, 64)
     assert f"budget: model default ({tiny_engine.default_budget})" in text
     maps = {}
     for ratio in (0.05, 0.5, 1.0):
-        text, maps[ratio] = actions.show_image(image, MODE_EXACT, ratio)
+        text, maps[ratio], _ = actions.show_image(image, MODE_EXACT, ratio)
         assert _kept(text) == (round(ratio * 64), 64) and f"budget: {budget_spec(MODE_EXACT, ratio)}" in text
     assert not np.array_equal(np.asarray(maps[0.05]), np.asarray(maps[0.5]))  # the map is re-pooled too
-    text, _ = actions.show_image(image, MODE_MEAN, 0.25)
+    text, _, _ = actions.show_image(image, MODE_MEAN, 0.25)
     assert _kept(text)[0] == tiny_engine.encode_image(image, "mean:0.25").tokens_out and "budget: mean:0.25" in text
-    text, _, slider = actions.on_mode(image, MODE_EXACT, 0.5)
+    text, _, slider, _ = actions.on_mode(image, MODE_EXACT, 0.5)
     assert _kept(text)[0] == 32 and slider["interactive"] is True
     assert actions.on_mode(image, MODE_DEFAULT, 0.5)[2]["interactive"] is False
-    *_, chat, history = actions.on_image(image, MODE_EXACT, 0.5)  # a new image starts a new conversation
+    _, _, chat, history, _ = actions.on_image(image, MODE_EXACT, 0.5)  # a new image starts a new conversation
     assert chat == [] and history == []
     assert actions.show_image(None, MODE_EXACT, 0.5)[1] is None
 
@@ -98,12 +105,82 @@ def test_the_next_answer_uses_the_budget(tiny_engine, examples):
         history = [{"role": "user", "content": examples[1][1]}]
         for mode, ratio, kept in ((MODE_EXACT, 0.5, 32), (MODE_EXACT, 0.125, 8),
                                   (MODE_DEFAULT, 0.5, tiny_engine.encode_image(image).tokens_out)):
-            *_, (chat, new_history, stats) = actions.answer(image, history, 0.0, 0.7, 4, mode, ratio)
+            *_, (chat, new_history, stats, _) = actions.answer(image, history, 0.0, 0.7, 4, mode, ratio)
             assert new_history[-1]["role"] == "assistant" and chat == new_history
             assert _kept(stats)[0] == kept and "generated" in stats
             assert seen[-1] == kept  # what generate fed the LLM
     finally:
         hook.remove()
+
+
+def test_an_upload_is_read_and_encoded_once(tiny_engine, examples, monkeypatch):
+    """Answers and budget changes reuse the upload's tokens (kept in a gr.State); only a new upload is read."""
+    import llava_drip.image_io as image_io
+    actions = DemoActions(tiny_engine)
+    opened, encoded = [], []
+    real_open, real_encode = image_io.open_image, tiny_engine.encode_image
+    monkeypatch.setattr(image_io, "open_image", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    monkeypatch.setattr(tiny_engine, "encode_image", lambda *a, **k: encoded.append(a) or real_encode(*a, **k))
+    path = examples[0][0]
+    *_, up = actions.on_image(path, MODE_DEFAULT, 0.25, None)
+    history = [{"role": "user", "content": "What color are the shapes in the image?"}]
+    for _ in range(2):
+        *_, (chat, history, stats, again) = actions.answer(path, history, 0.0, 0.7, 4, MODE_DEFAULT, 0.25, up)
+        assert again is up and "visual" in stats
+        history = history + [{"role": "user", "content": "How many shapes are there in the image?"}]
+    text, _, again = actions.show_image(path, MODE_EXACT, 0.5, up)  # another budget: re-counted, not re-read
+    assert _kept(text) == (32, 64) and again is up
+    *_, (_, _, stats, _) = actions.answer(path, history, 0.0, 0.7, 4, MODE_EXACT, 0.5, up)
+    assert "(32 visual)" in stats
+    assert len(opened) == 1 and len(encoded) == 1
+    *_, other = actions.on_image(examples[1][0], MODE_DEFAULT, 0.25, up)  # a new upload is read
+    assert other is not up and len(opened) == 2 and len(encoded) == 2
+
+
+def test_transparency_is_the_projects_to_convert(tiny_engine, tmp_path):
+    """The page hands the callbacks the file as uploaded; image_io puts transparency over white (Gradio's
+    RGB mode would have flattened it first, leaving the arbitrary colour under alpha 0: here black)."""
+    from llava_drip.image_io import open_image
+    arr = np.zeros((64, 64, 4), np.uint8)
+    arr[:, 32:] = (200, 30, 30, 255)  # left half fully transparent over black
+    path = tmp_path / "rgba.png"
+    Image.fromarray(arr, "RGBA").save(path)
+    demo = build_demo(tiny_engine)
+    component = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "drip-image")
+    payload = type("Payload", (), {"path": str(path), "url": None})()
+    assert component.preprocess(payload) == str(path)  # undecoded
+    up = DemoActions(tiny_engine).upload(component.preprocess(payload))
+    white = tiny_engine.encode_image(open_image(path)).pixel_values
+    flattened = tiny_engine.encode_image(Image.open(path).convert("RGB")).pixel_values
+    assert torch.equal(up.tokens.pixel_values, white) and not torch.equal(white, flattened)
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_unusable_upload_is_named_and_the_chat_goes_on(kind, tiny_engine, bad_uploads):
+    actions = DemoActions(tiny_engine)
+    path = str(bad_uploads[kind])
+    with pytest.warns(UserWarning, match=re.escape(NEEDLE[kind])):  # gr.Warning outside a page
+        text, viz, chat, history, up = actions.on_image(path, MODE_DEFAULT, 0.25, None)
+    assert text.startswith("**Image not used: ") and os.path.basename(path) in text and NEEDLE[kind] in text
+    assert viz is None and chat == history == [] and "kept" not in text
+    text, _, _, again = actions.on_mode(path, MODE_EXACT, 0.5, up)  # the same upload: no second read or warning
+    assert again is up and "Image not used" in text
+    *_, (chat, history, stats, _) = actions.answer(path, [{"role": "user", "content": "Hello?"}], 0.0, 0.7, 4,
+                                                  MODE_DEFAULT, 0.25, up)
+    assert history[-1]["role"] == "assistant" and chat == history  # answered, without the image
+    assert "Image not used" in stats and "generated" in stats
+
+
+def test_a_failed_answer_leaves_the_chat_usable(tiny_engine):
+    actions = DemoActions(tiny_engine)
+    too_long = [{"role": "user", "content": "shape " * 5000}]  # over the tiny model's context
+    with pytest.warns(UserWarning, match="not answered"):
+        *_, (chat, history, _, _) = actions.answer(None, too_long, 0.0, 0.7, 4)
+    assert chat[-1] == {"role": "assistant", "content": chat[-1]["content"]}
+    assert chat[-1]["content"].startswith("(not answered: ") and history == []  # the failed turn is dropped
+    *_, (chat, history, stats, _) = actions.answer(None, history + [{"role": "user", "content": "Hello?"}],
+                                                  0.0, 0.7, 4)
+    assert [m["role"] for m in history] == ["user", "assistant"] and "generated" in stats
 
 
 def test_demo_builds_with_the_budget_control(tiny_engine):
@@ -198,3 +275,58 @@ def test_demo_budget_slider(demo_url, tiny_engine):
     assert _kept(exact_text) == (32, 64)
     assert _kept(answer_text) == (32, 64) and "(32 visual)" in answer_text  # the answer used the budget
     assert _kept(mean_text)[0] == tiny_engine.encode_image(image, "mean:0.5").tokens_out
+
+
+def _ask(sync_api, page, question: str = "What color are the shapes in the image?") -> str:
+    """Send a question; the answer's text once the token panel shows its stats."""
+    page.locator("#question textarea").fill(question)
+    page.locator("#send").click()
+    bot = page.locator("#chat [data-testid='bot']").last
+    sync_api.expect(bot).not_to_be_empty(timeout=90_000)
+    sync_api.expect(page.locator("#drip-tokens")).to_contain_text("generated", timeout=90_000)
+    return bot.inner_text().strip()
+
+
+@_browser
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_demo_unusable_upload(kind, demo_url, bad_uploads):
+    """A good image, then one that cannot be used: one line names the problem (toast and token panel), the
+    old count is gone, no "Error" badge, and the next question is answered."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, examples = demo_url
+    bad = bad_uploads[kind]
+    with _page_with_image(sync_api, url, examples[0][0]) as (page, browser):
+        tokens = page.locator("#drip-tokens")
+        sync_api.expect(tokens).to_contain_text("kept", timeout=60_000)
+        page.locator("input[type=file]").first.set_input_files(str(bad))
+        sync_api.expect(tokens).to_contain_text("Image not used", timeout=60_000)
+        panel = tokens.inner_text()
+        toast = page.locator(".toast-body").filter(has_text=NEEDLE[kind])
+        sync_api.expect(toast).to_be_visible(timeout=30_000)
+        answer = _ask(sync_api, page)
+        after = tokens.inner_text()
+        errors = page.get_by_text("Error", exact=True).count()
+        browser.close()
+    assert bad.name in panel and NEEDLE[kind] in panel and "kept" not in panel  # not the previous image's count
+    assert answer and "Image not used" in after and "visual)" not in after  # answered, without an image
+    assert errors == 0
+
+
+@_browser
+def test_demo_upload_over_the_size_limit(demo_url, tmp_path):
+    """Gradio refuses an upload over MAX_UPLOAD_MB (the API's body limit) before it is stored, naming it."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, examples = demo_url
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(int((MAX_UPLOAD_MB + 1) * 1e6))
+    with _page_with_image(sync_api, url, examples[0][0]) as (page, browser):
+        tokens = page.locator("#drip-tokens")
+        sync_api.expect(tokens).to_contain_text("kept", timeout=60_000)
+        page.locator("input[type=file]").first.set_input_files(str(big))
+        toast = page.locator(".toast-body").filter(has_text="maximum allowed size")
+        sync_api.expect(toast).to_be_visible(timeout=30_000)
+        text = toast.inner_text()
+        answer = _ask(sync_api, page)
+        browser.close()
+    assert "big.png" in text and answer

@@ -201,3 +201,33 @@ def test_answer_prompter_asks_twice(tiny_llava, sqa, tmp_path):
     for a, b in zip(one, two):
         assert b["text"].startswith(a["text"] + "\n The answer is ")
         assert b["metadata"] == a["metadata"]  # visual tokens of the question's image, counted once
+
+
+def test_unreadable_image_is_skipped_recorded_and_retried_on_request(tiny_llava, sqa, tmp_path, capsys):
+    """A broken image costs its question, not the run: the rest is answered, the skip is listed beside the
+    answers file and counted, a resume leaves it alone, and --retry-skipped tries it again once fixed."""
+    with_image = [r for r in sqa["records"] if "image" in r][:2]
+    images = tmp_path / "images"
+    for r in with_image:
+        (images / r["image"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sqa["images"] / r["image"], images / r["image"])
+    broken = images / with_image[1]["image"]
+    broken.write_bytes(broken.read_bytes()[:100])  # cut short, as an interrupted copy leaves it
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps(with_image))
+    answers = tmp_path / "a.jsonl"
+    base = ["--model-path", tiny_llava, "--question-file", str(questions), "--image-folder", str(images),
+            "--answers-file", str(answers), "--conv-mode", "vicuna_v1", "--max-new-tokens", "4", "--batch-size", "2"]
+    first = model_vqa_science.main(base)
+    assert first["answered"] == 1 and first["skipped_unreadable_images"] == 1
+    assert "SKIPPED 1 questions whose image cannot be read" in capsys.readouterr().out
+    assert [r["question_id"] for r in read_jsonl(answers)] == [with_image[0]["id"]]
+    assert [r["question_id"] for r in read_jsonl(Path(str(answers) + ".skipped"))] == [with_image[1]["id"]]
+
+    shutil.copy(sqa["images"] / with_image[1]["image"], broken)  # fixed
+    again = model_vqa_science.main(base)  # a plain resume does not retry it
+    assert again["answered"] == 0 and again["resumed"] == 1 and again["skipped_unreadable_images"] == 1
+    retried = model_vqa_science.main(base + ["--retry-skipped"])
+    assert retried["answered"] == 1 and retried["skipped_unreadable_images"] == 0
+    assert sorted(r["question_id"] for r in read_jsonl(answers)) == sorted(r["id"] for r in with_image)
+    assert not Path(str(answers) + ".skipped").exists()

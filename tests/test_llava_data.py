@@ -418,6 +418,9 @@ def compare(rec, name, tok, max_len):
         if has_image and ref_ids.tolist().count(IMAGE_TOKEN_INDEX) != 1:  # LLaVA's model would fail on it
             assert "'<image>' tokens" in reason
             return "bad: image tokens"
+        if "empty gpt answer" in reason:  # LLaVA trains on the separator alone; refused here
+            assert any(t["from"] == "gpt" and not t["value"].strip() for t in rec["conversations"])
+            return "bad: empty answer"
         if status == "mismatch":
             return "bad: llava masks it"
         if status == "unchecked mismatch":
@@ -516,3 +519,47 @@ def test_tokenizer_image_token_follows_llava(tok):
     assert tokenizer_image_token("<image>", tok, return_tensors="pt").tolist() == [tok.bos_token_id, IMAGE_TOKEN_INDEX]
     with pytest.raises(ValueError, match="unsupported return_tensors 'np'"):
         tokenizer_image_token("a", tok, return_tensors="np")
+
+
+def test_record_problems_are_caught_up_front_by_id(tok, tmp_path):
+    """Every malformed record is refused when the dataset is built, by id (or raised with strict); a record cut
+    to model_max_length trains but is counted."""
+    Image.new("RGB", (12, 6)).save(tmp_path / "a.png")
+    ask = {"from": "human", "value": "<image>\nwhat?"}
+    recs = [
+        _rec(("human", "<image>\nwhat?"), ("gpt", "red"), image="a.png", rid="ok"),
+        {"id": "image-in-gpt", "image": "a.png", "conversations": [ask, {"from": "gpt", "value": "a <image> here"}]},
+        {"id": "image-in-later-human", "image": "a.png", "conversations": [
+            ask, {"from": "gpt", "value": "red"}, {"from": "human", "value": "and <image>?"},
+            {"from": "gpt", "value": "blue"}]},
+        {"id": "value-null", "image": "a.png", "conversations": [{"from": "human", "value": None},
+                                                                 {"from": "gpt", "value": "x"}]},
+        {"id": "turn-is-string", "image": "a.png", "conversations": ["<image> hi", {"from": "gpt", "value": "x"}]},
+        {"id": "image-null", "image": None, "conversations": [ask, {"from": "gpt", "value": "x"}]},
+        {"id": "image-list", "image": ["a.png"], "conversations": [ask, {"from": "gpt", "value": "x"}]},
+        {"id": "image-int", "image": 3, "conversations": [ask, {"from": "gpt", "value": "x"}]},
+        {"id": "empty-answer", "image": "a.png", "conversations": [ask, {"from": "gpt", "value": "  "}]},
+        {"id": "long-later-answer", "image": "a.png", "conversations": [
+            ask, {"from": "gpt", "value": "red"}, {"from": "human", "value": "more?"},
+            {"from": "gpt", "value": "word " * 120}]},
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    log = BadSampleLog(str(tmp_path / "bad"))
+    ds = LazySupervisedDataset(str(tmp_path / "d.json"), tok, get_conv_template("v1"), str(tmp_path),
+                               image_processor=StubProcessor(), model_max_length=90, bad_log=log)
+    assert [r["id"] for r in ds.records] == ["ok", "long-later-answer"]
+    reasons = log.seen
+    assert set(reasons) == {r["id"] for r in recs} - {"ok", "long-later-answer"}
+    assert "2 '<image>' tokens" in reasons["image-in-gpt"] and "2 '<image>' tokens" in reasons["image-in-later-human"]
+    assert "turn 0" in reasons["value-null"] and "NoneType" in reasons["value-null"]
+    assert "turn 0" in reasons["turn-is-string"]
+    for k in ("image-null", "image-list", "image-int"):
+        assert "'image' must be one file name" in reasons[k]
+    assert "empty gpt answer" in reasons["empty-answer"]
+    assert log.truncated == {}
+    ds[1]  # the long record trains, cut to 90 tokens (the system prompt is ~40), and is counted
+    assert list(log.truncated) == ["long-later-answer"] and "model_max_length 90" in log.truncated["long-later-answer"]
+    assert BadSampleLog.collect(str(tmp_path / "bad"), prefix="truncated-") == log.truncated
+    with pytest.raises(ValueError, match="image-in-gpt"):
+        LazySupervisedDataset(str(tmp_path / "d.json"), tok, get_conv_template("v1"), str(tmp_path),
+                              image_processor=StubProcessor(), model_max_length=90, bad_log=BadSampleLog(None, strict=True))

@@ -73,8 +73,30 @@ def test_any_mode_becomes_rgb(mode):
         Image.fromarray((arr.astype(np.uint16) * 200) if mode == "I;16" else arr.astype(np.float32) / 7.0, mode)
     out = tokens.to_rgb(img)
     assert out.mode == "RGB" and out.size == (40, 30)
-    if mode in ("I;16", "F"):  # rescaled, not clipped to white
-        assert np.asarray(out).max() == 255 and np.asarray(out).min() == 0
+    px = np.asarray(out)
+    if mode == "I;16":  # scaled from the 16-bit range (llava_drip.image_io), not clipped to white
+        assert px.max() == round(250 * 200 * 255 / 65535) and px.min() == 0
+    if mode == "F":  # float: stretched to the full 8-bit range
+        assert px.max() == 255 and px.min() == 0
+
+
+def test_folder_without_images_is_reported(tmp_path, capsys):
+    """A folder is searched; one with no image in it is named (exit 1), not dropped in silence."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("text")
+    good = tmp_path / "good.png"
+    Image.new("RGB", (64, 48), (30, 120, 200)).save(good)
+    rc = tokens.main(["--model", "DRIP-4x-tiny", str(empty), str(tmp_path / "notes"), str(good), "--json",
+                      "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    rows = _json_lines(captured.out)
+    assert [r["path"] for r in rows if "error" not in r] == [str(good)]
+    assert {r["path"] for r in rows if "error" in r} == {str(empty), str(tmp_path / "notes")}
+    assert f"error: {empty}: a folder with no image files" in captured.err
+    assert "2 folder(s) with no image files" in captured.err.splitlines()[-1]
 
 
 def test_folder_with_modes_and_vit_baseline(tmp_path, capsys):

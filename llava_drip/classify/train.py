@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from llava_drip.clip.zeroshot import load_model_and_transforms
+from llava_drip.clip.zeroshot import check_model_name, image_loader, load_model_and_transforms
 from llava_drip.drip.names import EVAL_MODES
 from llava_drip.eval.io_utils import write_json
 
@@ -109,7 +109,8 @@ def run(args) -> Dict:
         if not Path(d).is_dir():
             raise FileNotFoundError(f"ImageFolder not found: {d}")
     train_tf = preprocess_train if args.mode == "finetune" else preprocess_val
-    train_set, val_set = ImageFolder(args.train, transform=train_tf), ImageFolder(args.val, transform=preprocess_val)
+    train_set = ImageFolder(args.train, transform=train_tf, loader=image_loader)
+    val_set = ImageFolder(args.val, transform=preprocess_val, loader=image_loader)
     _check_folders(train_set, val_set, args.train, args.val)
     classes = train_set.classes
     gen = torch.Generator().manual_seed(args.seed)
@@ -227,6 +228,7 @@ def main(argv=None) -> int:
         print("llava-drip classify: --epochs and --batch-size must be >= 1", file=sys.stderr)
         return 2
     try:
+        check_model_name(args.model)  # before the folders and the weights are read
         result = run(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"llava-drip classify: {e}", file=sys.stderr)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import llava_drip.drip as drip
-from llava_drip.drip.names import EVAL_MODES
+from llava_drip.drip.names import EVAL_MODES, list_models
 
 _logger = logging.getLogger(__name__)
 
@@ -44,6 +44,24 @@ def read_templates(path) -> List[str]:
     return templates
 
 
+def check_model_name(name: str) -> None:
+    """ValueError in the project's wording (`llava-drip tokens`, `flops`) for a name nothing can build.
+
+    The registered names are checked without open_clip; any other name is asked of open_clip's registry
+    (it builds more ViTs than the project lists), so only a name neither knows is refused."""
+    if name in list_models():
+        return
+    import open_clip
+    if open_clip.get_model_config(name) is None:
+        raise ValueError(f"unknown model {name!r}. Available: {list_models()}")
+
+
+def image_loader(path: str):
+    """ImageFolder's loader: the project's reader (llava_drip.image_io), so every path sees the same pixels."""
+    from llava_drip.image_io import open_image
+    return open_image(path)
+
+
 def count_class_folders(root) -> int:
     root = Path(root)
     if not root.is_dir():
@@ -62,7 +80,7 @@ def zero_shot_accuracy(model, preprocess, tokenizer, data_dir, classnames: Seque
     from torchvision.datasets import ImageFolder
 
     with torch.no_grad():
-        dataset = ImageFolder(str(data_dir), transform=preprocess)
+        dataset = ImageFolder(str(data_dir), transform=preprocess, loader=image_loader)
         if len(dataset.classes) != len(classnames):
             raise ValueError(f"{data_dir}: {len(dataset.classes)} class folders but {len(classnames)} class names; "
                              "pass a class-name file with one name per folder, in sorted folder order")
@@ -98,6 +116,7 @@ def zero_shot_accuracy(model, preprocess, tokenizer, data_dir, classnames: Seque
 
 def load_model_and_transforms(model_name: str, checkpoint: Optional[str], eval_mode: Optional[str] = None):
     """(model, preprocess_train, preprocess_val); checkpoint weights are loaded strictly."""
+    check_model_name(model_name)
     kwargs = {}
     if eval_mode:
         if not drip.is_drip(model_name):
@@ -141,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:  # a typo in --model fails before the data and the weights are read
+        check_model_name(args.model)
+    except ValueError as e:
+        print(f"llava-drip zeroshot: {e}", file=sys.stderr)
+        return 2
     from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
     try:
         classnames = read_classnames(args.classnames) if args.classnames else list(IMAGENET_CLASSNAMES)

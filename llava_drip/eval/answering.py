@@ -8,6 +8,11 @@ Answers files keep LLaVA's schema, one JSON object per line::
 ``prompt`` is the question as LLaVA records it (no conversation template); ``visual_tokens`` is the
 number of DRIP tokens the image took in the LLM (0 without an image), an extra field LLaVA's
 scorers ignore.
+
+A question whose image cannot be read (not an image, truncated, over the pixel limit) is skipped, not
+fatal: it goes to ``<answers-file>.skipped`` (JSONL ``{"question_id", "image", "error"}``) so that a
+resumed run neither dies on it again nor retries it (``--retry-skipped`` does), and the answers file
+holds only real answers. The run ends with the count of skipped questions.
 """
 from __future__ import annotations
 
@@ -96,17 +101,44 @@ class AnswersFile:
     with another prompt, so two runs never mix silently; ``overwrite`` starts afresh.
     """
 
-    def __init__(self, path: str | os.PathLike, model_id: str, overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike, model_id: str, overwrite: bool = False, retry_skipped: bool = False):
         self.path = Path(path)
         self.model_id = model_id
         self.done: dict[str, dict] = {}
         self.dropped_partial_line = False
+        # questions whose image could not be read, kept apart so the answers file stays LLaVA's
+        self.skip_path = Path(str(self.path) + ".skipped")
+        self.skipped: dict[str, dict] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite or not self.path.exists():
+        fresh = overwrite or not self.path.exists()
+        if fresh:
             self.path.write_text("", encoding="utf-8")
         else:
             self._load()
+        if fresh or retry_skipped or not self.skip_path.exists():
+            self.skip_path.unlink(missing_ok=True)
+        else:
+            self._load_skipped()
         self._f = open(self.path, "a", encoding="utf-8")
+        self._skip_f = None
+
+    def _load_skipped(self):
+        for raw in self.skip_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(raw)
+            except ValueError:  # a line cut by a crash: that question is simply tried again
+                continue
+            if isinstance(row, dict) and "question_id" in row:
+                self.skipped[str(row["question_id"])] = row
+
+    def skip(self, q: "Question", error: str):
+        """Record a question left out because of its image; written at once, as answers are."""
+        if self._skip_f is None:
+            self._skip_f = open(self.skip_path, "a", encoding="utf-8")
+        row = {"question_id": q.qid, "image": q.image, "error": error}
+        self._skip_f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._skip_f.flush()
+        self.skipped[str(q.qid)] = row
 
     def _load(self):
         data = self.path.read_bytes()
@@ -160,6 +192,8 @@ class AnswersFile:
 
     def close(self):
         self._f.close()
+        if self._skip_f is not None:
+            self._skip_f.close()
 
     def __enter__(self):
         return self
@@ -210,9 +244,30 @@ class Answerer:
         conv.append_message(conv.roles[1], None)
         return conv.get_prompt()
 
-    def _images(self, batch: Sequence[Question]) -> torch.Tensor | None:
-        from llava_drip.mm_utils import load_image, process_images
-        pil = {i: load_image(q.image) for i, q in enumerate(batch) if q.image is not None}
+    @staticmethod
+    def read_images(batch: Sequence[Question]) -> tuple[list, dict[str, str]]:
+        """(per question its RGB image or None, {question id: error} for images that cannot be read)."""
+        from llava_drip.image_io import ImageError
+        from llava_drip.mm_utils import load_image
+        images, failed = [], {}
+        for q in batch:
+            img = None
+            if q.image is not None:
+                try:
+                    img = load_image(q.image)
+                except ImageError as e:  # one bad file must not end a run of thousands of questions
+                    failed[str(q.qid)] = str(e)
+            images.append(img)
+        return images, failed
+
+    def _images(self, batch: Sequence[Question], loaded: Sequence | None = None) -> torch.Tensor | None:
+        from llava_drip.mm_utils import process_images
+        if loaded is None:
+            loaded, failed = self.read_images(batch)
+            if failed:
+                key, error = next(iter(failed.items()))
+                raise ValueError(f"question {key}: {error}")
+        pil = {i: img for i, img in enumerate(loaded) if img is not None}
         if not pil:
             return None
         tensors = process_images(list(pil.values()), self.image_processor, self.model.config)
@@ -254,15 +309,18 @@ class Answerer:
 
     @torch.inference_mode()
     def answer(self, batch: Sequence[Question], settings: GenerationSettings,
-               answer_prompter: bool = False) -> list[tuple[str, int]]:
+               answer_prompter: bool = False, images: Sequence | None = None) -> list[tuple[str, int]]:
         """(answer text, visual token count) per question, in batch order.
+
+        ``images``: the batch's images already read (``read_images``; None for text-only questions);
+        without it they are read here.
 
         ``answer_prompter`` is LLaVA's two-pass ScienceQA prompting: the first answer (the
         reasoning) is fed back followed by `` ###\\nANSWER:`` for at most 64 more tokens, and the
         answer becomes ``reasoning + "\\n The answer is " + second``.
         """
         prompts = [self.build_prompt(q) for q in batch]
-        images = self._images(batch)
+        images = self._images(batch, images)
         self._visual_tokens.clear()
         texts, ids = self._generate(prompts, images, settings)
         self._count_truncated(ids)
@@ -316,6 +374,9 @@ def add_common_args(p: argparse.ArgumentParser, *, conv_mode: str):
     p.add_argument("--skip-missing-images", action="store_true",
                    help="leave out questions whose image file is missing (counted) instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="discard an existing answers file instead of resuming it")
+    p.add_argument("--retry-skipped", action="store_true",
+                   help="try again the questions whose image could not be read in an earlier run "
+                        "(listed in <answers-file>.skipped); without it a resumed run leaves them out")
 
 
 def answer_questions(questions: list[Question], args: argparse.Namespace, answer_prompter: bool = False) -> dict:
@@ -338,10 +399,11 @@ def answer_questions(questions: list[Question], args: argparse.Namespace, answer
     from tqdm import tqdm
     from llava_drip.mm_utils import get_model_name_from_path
     torch.manual_seed(args.seed)
-    with AnswersFile(args.answers_file, get_model_name_from_path(args.model_path), args.overwrite) as answers:
+    with AnswersFile(args.answers_file, get_model_name_from_path(args.model_path), args.overwrite,
+                     getattr(args, "retry_skipped", False)) as answers:
         answers.check_prompts(todo_all)
-        todo = [q for q in todo_all if str(q.qid) not in answers.done]
-        resumed = len(todo_all) - len(todo)
+        todo = [q for q in todo_all if str(q.qid) not in answers.done and str(q.qid) not in answers.skipped]
+        resumed = sum(str(q.qid) in answers.done for q in todo_all)
         answerer = None
         if todo:
             answerer = Answerer(args.model_path, args.model_base, args.conv_mode, args.device, args.dtype)
@@ -349,18 +411,30 @@ def answer_questions(questions: list[Question], args: argparse.Namespace, answer
         with tqdm(total=len(todo), desc=f"answering chunk {args.chunk_idx}/{args.num_chunks}", unit="q") as bar:
             for start in range(0, len(todo), args.batch_size):
                 batch = todo[start:start + args.batch_size]
-                rows = [{"question_id": q.qid, "prompt": q.prompt, "text": text,
-                         "answer_id": uuid.uuid4().hex[:22], "model_id": answerer.model_name,
-                         "metadata": {"visual_tokens": g}}
-                        for q, (text, g) in zip(batch, answerer.answer(batch, settings, answer_prompter))]
-                answers.write(rows)
+                images, failed = answerer.read_images(batch)
+                for q in batch:
+                    if str(q.qid) in failed:
+                        answers.skip(q, failed[str(q.qid)])
+                        bar.write(f"skipped question {q.qid!r}: {failed[str(q.qid)]}")
+                keep = [i for i, q in enumerate(batch) if str(q.qid) not in failed]
+                good = [batch[i] for i in keep]
+                if good:
+                    results = answerer.answer(good, settings, answer_prompter, images=[images[i] for i in keep])
+                    answers.write([{"question_id": q.qid, "prompt": q.prompt, "text": text,
+                                    "answer_id": uuid.uuid4().hex[:22], "model_id": answerer.model_name,
+                                    "metadata": {"visual_tokens": g}}
+                                   for q, (text, g) in zip(good, results)])
                 bar.update(len(batch))
         with_image = {str(q.qid) for q in todo_all if q.image is not None}
         visual = [r["metadata"]["visual_tokens"] for k, r in answers.done.items()
                   if k in with_image and isinstance(r.get("metadata"), dict) and "visual_tokens" in r["metadata"]]
+        unreadable = [answers.skipped[str(q.qid)] for q in todo_all if str(q.qid) in answers.skipped]
+        answered = sum(str(q.qid) in answers.done for q in todo) if todo else 0
     summary = {
         "answers_file": str(args.answers_file), "questions": total_all, "chunk_questions": len(questions),
-        "answered": len(todo), "resumed": resumed, "dropped_partial_line": answers.dropped_partial_line,
+        "answered": answered, "resumed": resumed, "dropped_partial_line": answers.dropped_partial_line,
+        "skipped_unreadable_images": len(unreadable), "skipped_file": str(answers.skip_path) if unreadable else None,
+        "first_skip_error": unreadable[0]["error"] if unreadable else None,
         "skipped_missing_images": len(missing), "truncated_prompts": answerer.truncated_prompts if answerer else 0,
         "mean_visual_tokens": sum(visual) / len(visual) if visual else None,
     }
@@ -375,6 +449,10 @@ def format_summary(s: dict) -> str:
         lines.append("  a truncated last line (interrupted run) was dropped and its question answered again")
     if s["skipped_missing_images"]:
         lines.append(f"  SKIPPED {s['skipped_missing_images']} questions whose image is missing (no answer written)")
+    if s.get("skipped_unreadable_images"):
+        lines.append(f"  SKIPPED {s['skipped_unreadable_images']} questions whose image cannot be read (no answer "
+                     f"written; listed in {s['skipped_file']}, not retried on resume unless --retry-skipped), "
+                     f"e.g. {s['first_skip_error']}")
     if s["truncated_prompts"]:
         lines.append(f"  WARNING {s['truncated_prompts']} prompts were longer than the model's "
                      "tokenizer_model_max_length and were cut")

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
+from .. import image_io
 from ..drip.names import EVAL_MODES, list_models
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -30,47 +31,47 @@ def _image_extensions() -> set:
     return {ext.lower() for ext in Image.registered_extensions()}
 
 
-def expand_paths(paths: Iterable[str]) -> Tuple[List[Path], int, bool]:
-    """Files to process: explicit files as given; folders searched recursively for image extensions.
-    Returns (files, non-image files skipped in folders, whether any folder was given)."""
+def expand_folders(paths: Iterable[str]) -> Tuple[List[Path], int, bool, List[str]]:
+    """Like expand_paths, plus the folders given that hold no image file at all (named to the user:
+    a folder is searched, so one with nothing to count is a mistake worth a line, not silence)."""
     exts = _image_extensions()
-    files, skipped, any_dir = [], 0, False
+    files, skipped, any_dir, empty = [], 0, False, []
     for p in map(Path, paths):
         if p.is_dir():
             any_dir = True
+            found = 0
             for f in sorted(q for q in p.rglob("*") if q.is_file()):
                 if f.suffix.lower() in exts:
                     files.append(f)
+                    found += 1
                 else:
                     skipped += 1
+            if not found:
+                empty.append(str(p))
         else:
             files.append(p)  # missing or unreadable files are reported when loaded
+    return files, skipped, any_dir, empty
+
+
+def expand_paths(paths: Iterable[str]) -> Tuple[List[Path], int, bool]:
+    """Files to process: explicit files as given; folders searched recursively for image extensions.
+    Returns (files, non-image files skipped in folders, whether any folder was given)."""
+    files, skipped, any_dir, _ = expand_folders(paths)
     return files, skipped, any_dir
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB. Transparency is composited over white (the RGB under alpha 0 is
-    arbitrary); 16-bit and float greyscale are rescaled to 8 bits rather than clipped."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.astype(np.uint8), mode="L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+# one conversion for the whole project (llava_drip.image_io); kept importable here for older callers
+to_rgb = image_io.to_rgb
 
 
 def load_image(path: Path) -> Tuple[Image.Image, dict]:
-    with Image.open(path) as im:
+    """(RGB image read by llava_drip.image_io, {width, height, mode} of the file as stored).
+
+    Raises image_io.ImageError (a ValueError naming the file) for a missing, unreadable or too large one."""
+    img = image_io.open_image(path)
+    with Image.open(path) as im:  # header only, already known to decode: the stored size and mode
         info = {"width": im.width, "height": im.height, "mode": im.mode}
-        im.load()
-        return to_rgb(im), info
+    return img, info
 
 
 # ---- boundary maps ----------------------------------------------------------------------------------
@@ -222,10 +223,14 @@ def main(argv=None) -> int:
     if args.model not in list_models():
         print(f"llava-drip tokens: unknown model {args.model!r}. Available: {list_models()}", file=sys.stderr)
         return 2
-    files, skipped, any_dir = expand_paths(args.paths)
+    files, skipped, any_dir, empty_dirs = expand_folders(args.paths)
     if not files:
         print("llava-drip tokens: no image files found in " + " ".join(args.paths), file=sys.stderr)
         return 2
+    for d in empty_dirs:  # beside other inputs it would otherwise vanish from the report
+        print(f"error: {d}: a folder with no image files (searched recursively)", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"path": d, "error": "a folder with no image files"}), flush=True)
     if args.checkpoint is None:
         print(f"note: no --checkpoint, {args.model} has random weights; counts show the mechanics only",
               file=sys.stderr)
@@ -257,7 +262,15 @@ def main(argv=None) -> int:
             try:
                 img, info = load_image(path)
                 loaded.append((path, img, info, counter.preprocess(img)))
-            except Exception as e:  # any decode / IO failure: report it and keep going
+            except image_io.ImageError as e:  # missing, unreadable, too large: the message names the file
+                msg = str(e)
+                errors.append(str(path))
+                bar.write(f"error: {msg}", file=sys.stderr)
+                if args.json:
+                    print(json.dumps({"path": str(path), "error": msg}), flush=True)
+                bar.update(1)
+                continue
+            except Exception as e:  # anything else the transform trips on: report it and keep going
                 msg = f"{type(e).__name__}: {e}"
                 errors.append(str(path))
                 bar.write(f"error: {path}: {msg}", file=sys.stderr)
@@ -292,9 +305,10 @@ def main(argv=None) -> int:
     summary = (f"{n_ok} image(s): mean {sum(counts) / max(n_ok, 1):.1f} visual tokens of {counter.num_patches} "
                f"patches" + (spread if counts else "") + f"; {len(errors)} unreadable"
                + (f" ({', '.join(errors)})" if errors else "")
-               + (f"; {skipped} non-image file(s) in folders skipped" if skipped else ""))
+               + (f"; {skipped} non-image file(s) in folders skipped" if skipped else "")
+               + (f"; {len(empty_dirs)} folder(s) with no image files ({', '.join(empty_dirs)})" if empty_dirs else ""))
     print(summary, file=sys.stderr)
-    return 1 if errors else 0
+    return 1 if errors or empty_dirs else 0
 
 
 if __name__ == "__main__":

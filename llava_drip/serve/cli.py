@@ -8,8 +8,6 @@ chats with the built-in tiny model, building it on first use.
 import argparse
 import sys
 
-from PIL import Image
-
 from .builtin import model_path_help, resolve_model_path
 
 BUDGET_HELP = ("DRIP visual tokens per image, three forms: a ratio 0.25 (exactly round(0.25 N) of the N patches), "
@@ -22,7 +20,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", default=None, help=model_path_help())
     p.add_argument("--model-base", default=None, help="base LLM for LoRA / projector checkpoints")
-    p.add_argument("--image-file", default=None, help="image for the conversation (any format PIL reads)")
+    p.add_argument("--image-file", default=None,
+                   help="image for the conversation (any format PIL reads, up to LLAVA_DRIP_MAX_IMAGE_PIXELS)")
     p.add_argument("--temperature", type=float, default=0.2, help="0 for greedy decoding")
     p.add_argument("--top-p", type=float, default=0.7)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -41,12 +40,11 @@ def main(argv=None) -> int:
 
     image = None
     if args.image_file:
-        try:  # kept in its own mode: the engine composites transparency over white
-            with Image.open(args.image_file) as im:
-                im.load()
-                image = im.copy()
-        except OSError as e:  # missing file, or not an image PIL can read
-            print(f"{prog}: cannot read image {args.image_file}: {e}", file=sys.stderr)
+        from llava_drip.image_io import ImageError, open_image
+        try:  # the project's one reader: pixel limit from the header, EXIF, 16-bit, alpha over white
+            image = open_image(args.image_file)
+        except ImageError as e:  # missing, not an image, truncated, too many pixels: one line, no traceback
+            print(f"{prog}: --image-file: {e}", file=sys.stderr)
             return 2
     model_path = resolve_model_path(args.model_path, file=sys.stderr)  # stdout is the conversation
     from .engine import ChatEngine, visual_token_summary  # after the image check: a bad path fails fast

@@ -6,21 +6,36 @@ another visual-token budget (exactly r N tokens, or r N on average) without retr
 answer uses it. Without --model-path it serves the built-in tiny model shipped in llava_drip/assets
 (llava_drip/serve/builtin.py); the page says which model it serves, and that the built-in one knows
 only synthetic shape scenes.
+
+Each upload is read once, by llava_drip.image_io (pixel limit checked before decoding, EXIF, 16-bit, alpha
+over white), and encoded once; answers and budget changes reuse it. An image that cannot be used (not an
+image, empty, truncated, too many pixels) is named in one line and the chat goes on without it; uploads over
+--max-upload-mb (20 MB, the HTTP API's body limit) are refused before they are stored.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import html
 import os
 import sys
 import tempfile
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
 # the engine and the budgets load torch, gradio takes seconds too: imported where used, so `--help` is fast
+from .api import DEFAULT_MAX_BODY_MB  # a light import: the API loads its server and torch where used
 from .builtin import is_builtin, model_path_help, resolve_model_path
 
+if TYPE_CHECKING:  # annotations only: the engine imports torch
+    from .engine import ChatEngine, ChatStats, ImageTokens
+
 NO_IMAGE_TEXT = "No image: text-only chat. Upload one to see how many visual tokens DRIP keeps."
+BAD_IMAGE_TEXT = "Image not used: {error}. Questions are answered without an image; upload another to use one."
+# one limit on an image, whichever door it comes in: the HTTP API's default --max-body-mb (MB of 10^6 bytes)
+MAX_UPLOAD_MB = DEFAULT_MAX_BODY_MB
 
 # (scene, question, the word a right answer names): scenes the built-in model was not trained on (stream 1000),
 # questions of the kinds it was trained on; tests/test_builtin_model.py checks it answers each one right
@@ -116,60 +131,161 @@ def budget_modes(engine: ChatEngine) -> List[str]:
     return [MODE_DEFAULT, MODE_EXACT] + ([MODE_MEAN] if "mean" in kinds else [])
 
 
+@dataclass
+class Upload:
+    """What one upload became, kept in a gr.State so an image is decoded and encoded once, not per event.
+
+    `tokens` are at the model's default budget; other budgets are re-counted from the same pixels."""
+    key: str  # which upload (Gradio's cached path, or a hash of pasted bytes)
+    tokens: Optional[ImageTokens] = None
+    error: Optional[str] = None  # one line naming the problem, when the image cannot be used
+
+
+def _upload_key(image) -> Optional[str]:
+    if image is None:
+        return None
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    if isinstance(image, bytes):
+        return "bytes:" + hashlib.sha1(image).hexdigest()
+    return f"pil:{id(image)}"  # an already decoded image (callers other than the page)
+
+
+def _warn(message: str) -> None:
+    """A yellow toast on the page (a plain warning outside Gradio); Gradio renders it as HTML."""
+    import gradio as gr
+    gr.Warning(html.escape(message))
+
+
 class DemoActions:
-    """The demo's callbacks on one engine, kept apart from the layout so tests can call them directly."""
+    """The demo's callbacks on one engine, kept apart from the layout so tests can call them directly.
+
+    An image arrives as a file path (what the page's upload component hands over, undecoded), bytes, or a
+    PIL image; `cache` is the gr.State holding the `Upload` of the current image."""
 
     def __init__(self, engine: ChatEngine):
         self.engine = engine
 
-    def show_image(self, image: Optional[Image.Image], mode: str, ratio: float) -> Tuple[str, Optional[Image.Image]]:
-        """(token-count markdown, boundary map) of the image at the chosen budget."""
-        if image is None:
-            return _stats_markdown(NO_IMAGE_TEXT), None
+    def upload(self, image, cache: Optional[Upload] = None) -> Optional[Upload]:
+        """The Upload of `image`: `cache` when it is the same upload, else read and encoded now."""
+        key = _upload_key(image)
+        if key is None:
+            return None
+        if cache is not None and cache.key == key:
+            return cache
+        from llava_drip.image_io import ImageError, open_image, to_rgb
+        try:
+            if isinstance(image, Image.Image):
+                pil = to_rgb(image)
+            else:  # the project's reader: pixel limit before decoding, EXIF, 16-bit, alpha over white
+                name = os.path.basename(image) if isinstance(image, str) else None
+                pil = open_image(image, name=name)
+            return Upload(key, tokens=self.engine.encode_image(pil))
+        except (ImageError, ValueError) as e:
+            return Upload(key, error=str(e))
+
+    def _at_budget(self, up: Upload, mode: str, ratio: float) -> ImageTokens:
+        """The upload's tokens re-counted at the chosen budget, from the pixels encoded once."""
+        spec = budget_spec(mode, ratio)
+        # the engine's re-count of an ImageTokens at another budget (what chat/stream do with one)
+        return self.engine._image_tokens(up.tokens, self.engine.resolve_budget(spec))
+
+    def show_image(self, image, mode: str, ratio: float, cache: Optional[Upload] = None):
+        """(token-count markdown, boundary map, Upload) of the image at the chosen budget."""
+        up = self.upload(image, cache)
+        if up is None:
+            return _stats_markdown(NO_IMAGE_TEXT), None, None
+        if up.error:
+            if up is not cache:  # once per upload, not again at each budget change
+                _warn(up.error)
+            return _stats_markdown(BAD_IMAGE_TEXT.format(error=up.error)), None, up
         from .engine import visual_token_summary
         from .viz import boundary_map
         try:
-            tokens = self.engine.encode_image(image, budget_spec(mode, ratio))
-        except ValueError as e:
-            import gradio as gr
-            raise gr.Error(str(e)) from e
+            tokens = self._at_budget(up, mode, ratio)
+        except ValueError as e:  # a budget this model cannot serve: say so, keep the last good count
+            _warn(str(e))
+            return _stats_markdown(f"Budget not applied: {e}"), None, up
         viz = boundary_map(self.engine.vision_tower, tokens.pixel_values, self.engine.image_processor,
                            budget=tokens.budget)
         summary = visual_token_summary(tokens.tokens_in, tokens.tokens_out, self.engine.budget_label(tokens.budget))
-        return _stats_markdown(summary), viz
+        return _stats_markdown(summary), viz, up
 
-    def on_image(self, image, mode: str, ratio: float):
-        """A new image starts a new conversation: (markdown, map, chatbot, history)."""
-        return (*self.show_image(image, mode, ratio), [], [])
+    def on_image(self, image, mode: str, ratio: float, cache: Optional[Upload] = None):
+        """A new image starts a new conversation: (markdown, map, chatbot, history, Upload)."""
+        text, viz, up = self.show_image(image, mode, ratio, cache)
+        return text, viz, [], [], up
 
-    def on_mode(self, image, mode: str, ratio: float):
-        """(markdown, map, slider update): the ratio slider only means something away from the default."""
+    def on_mode(self, image, mode: str, ratio: float, cache: Optional[Upload] = None):
+        """(markdown, map, slider update, Upload): the ratio slider only means something away from the default."""
         import gradio as gr
-        return (*self.show_image(image, mode, ratio), gr.update(interactive=mode != MODE_DEFAULT))
+        text, viz, up = self.show_image(image, mode, ratio, cache)
+        return text, viz, gr.update(interactive=mode != MODE_DEFAULT), up
 
     def answer(self, image, history: list, temperature: float, top_p: float, max_tokens: int,
-               mode: str = MODE_DEFAULT, ratio: float = DEFAULT_RATIO):
-        """Stream the answer to the last user turn: yields (chatbot, history, markdown update)."""
+               mode: str = MODE_DEFAULT, ratio: float = DEFAULT_RATIO, cache: Optional[Upload] = None):
+        """Stream the answer to the last user turn: yields (chatbot, history, markdown update, Upload).
+
+        A problem (an unusable image, a budget, a prompt over the context, a failed generation) is one
+        line in a toast and in the chat, and the failed question is left out of the history, so the next
+        question is answered as usual."""
         import gradio as gr
 
         from .engine import visual_token_summary
         if not history or history[-1]["role"] != "user":
-            yield history, history, gr.update()
+            yield history, history, gr.update(), cache
             return
-        try:
-            stream = self.engine.stream(history, image, temperature=temperature, top_p=top_p,
-                                        max_new_tokens=int(max_tokens), budget=budget_spec(mode, ratio))
-        except ValueError as e:  # e.g. a conversation longer than the model's context
-            raise gr.Error(str(e)) from e
+        up = self.upload(image, cache)  # normally cached by on_image; a question sent at once encodes it here
+        tokens = up.tokens if up is not None else None
         shown = history + [{"role": "assistant", "content": ""}]
-        for piece in stream:
-            shown[-1] = {"role": "assistant", "content": stream.text}
-            yield shown, history, gr.update()
+        try:
+            stream = self.engine.stream(history, tokens, temperature=temperature, top_p=top_p,
+                                        max_new_tokens=int(max_tokens), budget=budget_spec(mode, ratio))
+            for _ in stream:
+                shown[-1] = {"role": "assistant", "content": stream.text}
+                yield shown, history, gr.update(), up
+        except Exception as e:  # noqa: BLE001  (whatever it is, the page says it and stays usable)
+            _warn(f"not answered: {e}")
+            shown[-1] = {"role": "assistant", "content": f"(not answered: {e})"}
+            yield shown, history[:-1], gr.update(), up
+            return
         history = history + [{"role": "assistant", "content": stream.text}]
         s = stream.stats
-        summary = (visual_token_summary(s.visual_tokens_in, s.visual_tokens_out, self.engine.budget_label(s.budget))
-                   if s.visual_tokens_in else NO_IMAGE_TEXT)
-        yield history, history, _stats_markdown(summary, s)
+        if s.visual_tokens_in:
+            summary = visual_token_summary(s.visual_tokens_in, s.visual_tokens_out, self.engine.budget_label(s.budget))
+        elif up is not None and up.error:
+            summary = BAD_IMAGE_TEXT.format(error=up.error)
+        else:
+            summary = NO_IMAGE_TEXT
+        yield history, history, _stats_markdown(summary, s), up
+
+
+def _upload_component(**kwargs):
+    """gr.Image that hands the callbacks the uploaded file as it is, undecoded.
+
+    Gradio's own Image decodes (and, in RGB mode, flattens) every upload before any callback runs, and a
+    file it cannot decode ends in a bare "Error" badge; passing the path on lets llava_drip.image_io read
+    it once, with its limits and messages."""
+    import gradio as gr
+
+    class UploadImage(gr.Image):
+        is_template = True  # rendered by the page as the ordinary Image component
+
+        def preprocess(self, payload):
+            if payload is None:
+                return None
+            if payload.path:
+                return str(payload.path)
+            if payload.url and payload.url.startswith("data:"):  # pasted: the bytes themselves
+                import base64
+                import binascii
+                try:
+                    return base64.b64decode(payload.url.split(",", 1)[1])
+                except (binascii.Error, IndexError):
+                    return b"(not base64)"  # image_io then says it is not an image, in the usual words
+            return None
+
+    return UploadImage(type="filepath", image_mode=None, **kwargs)
 
 
 def build_demo(engine: ChatEngine, examples: Sequence[Tuple[str, str]] = ()):
@@ -190,9 +306,11 @@ def build_demo(engine: ChatEngine, examples: Sequence[Tuple[str, str]] = ()):
         gr.Markdown("# LLaVA-DRIP\nLLaVA whose vision tower (DRIP) pools image patches into fewer, "
                     "variable-count segments. The map shows each segment in its own colour.")
         history = gr.State([])
+        upload = gr.State(None)  # the current image's Upload: decoded and encoded once
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], height=300)
+                image = _upload_component(label="Image", sources=["upload", "clipboard"], height=300,
+                                          elem_id="drip-image")
                 with gr.Group(visible=bool(modes)):  # a tower that keeps every patch has no budget
                     mode = gr.Radio(modes or [MODE_DEFAULT], value=MODE_DEFAULT, label="Visual-token budget",
                                     info="N = patches; applies to the map now and to the next answer",
@@ -217,15 +335,24 @@ def build_demo(engine: ChatEngine, examples: Sequence[Tuple[str, str]] = ()):
         if examples:
             gr.Examples([[p, q] for p, q in examples], inputs=[image, textbox], label="Examples")
 
-        budget_inputs = [image, mode, ratio]
-        image.change(actions.on_image, budget_inputs, [tokens_md, viz, chatbot, history])
-        mode.change(actions.on_mode, budget_inputs, [tokens_md, viz, ratio])
-        ratio.change(actions.show_image, budget_inputs, [tokens_md, viz])  # the chat carries on
+        budget_inputs = [image, mode, ratio, upload]
+        image.change(actions.on_image, budget_inputs, [tokens_md, viz, chatbot, history, upload])
+        mode.change(actions.on_mode, budget_inputs, [tokens_md, viz, ratio, upload])
+        ratio.change(actions.show_image, budget_inputs, [tokens_md, viz, upload])  # the chat carries on
         for trigger in (textbox.submit, send.click):
             trigger(add_user, [textbox, history], [textbox, chatbot, history]).then(
-                actions.answer, [image, history, temperature, top_p, max_tokens, mode, ratio],
-                [chatbot, history, tokens_md])
+                actions.answer, [image, history, temperature, top_p, max_tokens, mode, ratio, upload],
+                [chatbot, history, tokens_md, upload])
         clear.click(lambda: ([], [], ""), None, [chatbot, history, textbox])
+    return demo
+
+
+def launch(demo, host: str = "127.0.0.1", port: Optional[int] = None, share: bool = False,
+           max_upload_mb: float = MAX_UPLOAD_MB):
+    """Queue and start `demo` without blocking. Uploads over `max_upload_mb` are refused by Gradio before
+    they reach the temp folder; an unexpected exception shows its message, never a bare "Error"."""
+    demo.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
+                        max_file_size=int(max_upload_mb * 1e6), show_error=True)
     return demo
 
 
@@ -238,6 +365,8 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
+                   help=f"largest image upload in MB (default {MAX_UPLOAD_MB:g}, the API's --max-body-mb default)")
     args = p.parse_args(argv)
 
     model_path = resolve_model_path(args.model_path)
@@ -246,8 +375,7 @@ def main(argv=None) -> int:
     engine = ChatEngine(model_path, model_base=args.model_base, device=args.device)
     examples = example_images(tempfile.mkdtemp(prefix="llava-drip-demo-"), photos=not is_builtin(model_path))
     demo = build_demo(engine, examples)
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
-                        prevent_thread_lock=True, quiet=True)
+    launch(demo, args.host, args.port, args.share, args.max_upload_mb)
     try:
         print(f"LLaVA-DRIP demo at {demo.local_url}" + (f" and {demo.share_url}" if demo.share_url else "")
               + " (Ctrl-C stops it)", flush=True)

@@ -85,6 +85,9 @@ def prepare_turns(conversations: List[dict], conv: Conversation, has_image: bool
             raise BadSample(f"turn {j + skipped}: expected from={ROLE_KEYS[j % 2]!r}, got {frm!r}")
     if not turns or turns[-1][0] == "human":
         raise BadSample("conversation ends with a human turn (no answer to learn)")
+    for j, (frm, value) in enumerate(turns):
+        if frm == "gpt" and not value.strip():
+            raise BadSample(f"turn {j + skipped}: empty gpt answer (it would train on the separator alone)")
     return turns
 
 
@@ -204,7 +207,7 @@ def _v0_labels(turns: List[Tuple[str, str]], conv: Conversation, ids: List[int],
 
 def preprocess(conversations: List[dict], conv: Conversation, tokenizer, has_image: bool,
                model_max_length: Optional[int] = None, mm_use_im_start_end: bool = False,
-               legacy: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               legacy: Optional[bool] = None, info: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One record -> (input_ids [T], labels [T]) exactly as LLaVA's `preprocess` builds them.
 
     Text-only records are truncated to model_max_length (LLaVA's tokenizer call); image records are
@@ -213,6 +216,7 @@ def preprocess(conversations: List[dict], conv: Conversation, tokenizer, has_ima
     Args:
         model_max_length: defaults to tokenizer.model_max_length, as in LLaVA.
         legacy: `tokenizer_is_legacy(tokenizer)` if None (pass it to skip the probe per record).
+        info: if given, receives `full_len`, the token count before any truncation.
 
     Raises:
         BadSample: the record is malformed, LLaVA's arithmetic disagrees with the tokenizer (LLaVA would
@@ -238,6 +242,8 @@ def preprocess(conversations: List[dict], conv: Conversation, tokenizer, has_ima
                 hint = f"; the pad id {tokenizer.pad_token_id} occurs in it" if total != len(ids) else ""
                 raise BadSample(f"tokenization mismatch: LLaVA's round arithmetic counts {counted} tokens, the "
                                 f"tokenizer gives {total} (LLaVA masks such a sample; template {conv.version!r}{hint})")
+    if info is not None:
+        info["full_len"] = full_len
     if not has_image:
         ids, labels = ids[:max_len], labels[:max_len]
     if all(t == IGNORE_INDEX for t in labels[:max_len]):
@@ -250,7 +256,7 @@ class BadSampleLog:
     """Append-only log of skipped records, one file per process, merged at the end of training."""
 
     def __init__(self, folder: Optional[str], strict: bool = False):
-        self.folder, self.strict, self.seen = folder, strict, {}
+        self.folder, self.strict, self.seen, self.truncated = folder, strict, {}, {}
         if folder:
             os.makedirs(folder, exist_ok=True)
 
@@ -266,12 +272,22 @@ class BadSampleLog:
             with open(path, "a") as f:
                 f.write(json.dumps({"id": key, "reason": reason, "where": where}) + "\n")
 
+    def note_truncated(self, sample_id, reason: str):
+        """A record that trains, but cut to model_max_length (LLaVA cuts silently): counted, not skipped."""
+        key = str(sample_id)
+        if key in self.truncated:
+            return
+        self.truncated[key] = reason
+        if self.folder:
+            with open(os.path.join(self.folder, f"truncated-{os.getpid()}.jsonl"), "a") as f:
+                f.write(json.dumps({"id": key, "reason": reason, "where": "getitem"}) + "\n")
+
     @staticmethod
-    def collect(folder: str) -> Dict[str, str]:
+    def collect(folder: str, prefix: str = "bad-") -> Dict[str, str]:
         out = {}
         if folder and os.path.isdir(folder):
             for name in sorted(os.listdir(folder)):
-                if name.startswith("bad-") and name.endswith(".jsonl"):
+                if name.startswith(prefix) and name.endswith(".jsonl"):
                     for line in open(os.path.join(folder, name)):
                         rec = json.loads(line)
                         out.setdefault(rec["id"], rec["reason"])
@@ -333,6 +349,9 @@ class LazySupervisedDataset(Dataset):
         if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
             raise BadSample("record has no 'conversations' list")
         if "image" in rec:
+            if not isinstance(rec["image"], str) or not rec["image"].strip():
+                # LLaVA-1.5 records name one file; multi-image lists (LLaVA-NeXT interleave) are not supported
+                raise BadSample(f"'image' must be one file name (a non-empty string), got {rec['image']!r:.80}")
             if self.image_folder is None or self.image_processor is None:
                 raise BadSample("record has an image but no --image_folder / vision tower is set")
             path = os.path.join(self.image_folder, rec["image"])
@@ -369,8 +388,13 @@ class LazySupervisedDataset(Dataset):
 
     def _build(self, rec):
         has_image = "image" in rec
+        info = {}
         input_ids, labels = preprocess(rec["conversations"], self.conv, self.tokenizer, has_image,
-                                       self.model_max_length, self.mm_use_im_start_end, self.legacy)
+                                       self.model_max_length, self.mm_use_im_start_end, self.legacy, info=info)
+        if info["full_len"] > self.model_max_length:
+            # image records: the sentinel counts 1 here; DRIP's visual tokens can cut more in the model
+            self.bad.note_truncated(rec.get("id", "?"), f"{info['full_len']} text tokens > model_max_length "
+                                    f"{self.model_max_length}: trained on its first {self.model_max_length}")
         item = {"input_ids": input_ids, "labels": labels, "id": rec.get("id")}
         if has_image:
             item["image"] = self.load_image(rec)

@@ -589,10 +589,12 @@ def train(argv=None, attn_implementation: Optional[str] = None):
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     bad = BadSampleLog.collect(bad_dir)
+    truncated = BadSampleLog.collect(bad_dir, prefix="truncated-")
     if rank0:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and math.isfinite(h["loss"])]
         summary = {"skipped": len(bad), "skipped_ids": sorted(bad), "reasons": bad, "losses": losses,
-                   "train_samples": len(dataset), "nonfinite_skipped": len(trainer.skipped_nonfinite),
+                   "train_samples": len(dataset), "truncated": len(truncated), "truncated_ids": sorted(truncated),
+                   "nonfinite_skipped": len(trainer.skipped_nonfinite),
                    "nonfinite_steps": trainer.skipped_nonfinite}
         with open(os.path.join(training_args.output_dir, "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -602,6 +604,10 @@ def train(argv=None, attn_implementation: Optional[str] = None):
                 print(f"  {sid}: {reason}", file=sys.stderr)
         else:
             print("skipped 0 bad samples")
+        if truncated:
+            print(f"cut {len(truncated)} samples to --model_max_length {training_args.model_max_length} "
+                  f"(ids and lengths in {bad_dir}/truncated-*.jsonl): " + ", ".join(sorted(truncated)[:20]),
+                  file=sys.stderr)
         nf = trainer.skipped_nonfinite
         if nf:
             print(f"skipped {len(nf)} micro-batches with a non-finite loss (no update applied):", file=sys.stderr)
