@@ -13,6 +13,7 @@ Errors are `ImageError` (a ValueError) whose message names the source and the pr
 """
 import io
 import os
+import re
 from pathlib import Path
 from typing import BinaryIO, Optional, Union
 
@@ -107,8 +108,11 @@ def open_image(src: Source, *, name: Optional[str] = None, max_pixels: Optional[
             img = to_rgb(im)
     except ImageError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{label} is over the limit of {limit / 1e6:.0f} Mpx ({e})", "too_large") from e
+    except Image.DecompressionBombError as e:  # PIL's own guard fires at twice the limit, inside Image.open
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(m.group(1)) / 1e6:.0f} Mpx" if m else "too many pixels"
+        raise ImageError(f"{label} is {size}, over the limit of {limit / 1e6:.0f} Mpx "
+                         "(LLAVA_DRIP_MAX_IMAGE_PIXELS)", "too_large") from None
     except UnidentifiedImageError:
         raise ImageError(f"{label} is not an image file PIL can read", "unreadable") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated data, bad chunks, unsupported modes

@@ -125,3 +125,23 @@ def test_tokens_folder_without_images(tmp_path):
     r = _run(["-m", "llava_drip.cli", "tokens", "--model", "DRIP-4x-tiny", str(empty)])
     assert r.returncode == 2
     assert _one_line_error(r) == f"llava-drip tokens: no image files found in {empty}"
+
+
+def test_clip_train_unknown_model_name(tmp_path):
+    r = _run(["-m", "llava_drip.cli", "clip-train", "--model", "DRIP-9x-nope", "--train-data", str(tmp_path / "x.csv"),
+              "--dataset-type", "csv", "--logs", str(tmp_path), "--device", "cpu"])
+    assert r.returncode != 0
+    line = _one_line_error(r)
+    assert line.startswith("llava-drip clip-train: unknown model 'DRIP-9x-nope'. Available: [")
+    assert "'DRIP-4x-tiny'" in line
+
+
+def test_llava_train_unknown_vision_tower(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    r = _run([str(repo / "llava_drip" / "train" / "train.py"), "--model_name_or_path", str(tmp_path),
+              "--vision_tower", "DRIP-9x-nope", "--data_path", str(tmp_path / "d.json"), "--output_dir",
+              str(tmp_path / "out"), "--use_cpu", "True", "--report_to", "none"])
+    assert r.returncode == 2
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("train.py: error:")]
+    assert "Traceback" not in r.stderr and len(err) == 1, r.stderr[-2000:]
+    assert "unknown model 'DRIP-9x-nope'. Available: [" in err[0] and "'DRIP-4x-tiny'" in err[0]

@@ -68,8 +68,13 @@ def test_two_stages_under_deepspeed_two_ranks(work):
     s1 = work / "stage1"
     _deepspeed(["--deepspeed", str(REPO / "scripts" / "zero2.json"), *_common(work, s1), "--version", "plain",
                 "--data_path", str(work / "data" / "pretrain.json"), "--tune_mm_mlp_adapter", "True",
-                "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--learning_rate", "2e-3"],
+                "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--learning_rate", "2e-3",
+                "--save_strategy", "steps", "--save_steps", "6"],
                work / "stage1.log")
+    # ZeRO-2's real engine files pass the resume check (tensors and allow-listed plain data only)
+    from llava_drip.checkpoints import pick_llava_checkpoint
+    found, skipped = pick_llava_checkpoint(s1, world_size=2)
+    assert found is not None and skipped == [], skipped
     assert (s1 / "mm_projector.bin").is_file() and (s1 / "mm_projector.safetensors").is_file()
     proj = torch.load(s1 / "mm_projector.bin", weights_only=True)
     assert set(proj) == {"model.mm_projector.0.weight", "model.mm_projector.0.bias",
@@ -362,12 +367,14 @@ def test_kill_during_checkpoint_save_then_rerun_matches_straight(work, tmp_path,
     """kill -9 while checkpoint-4 is written: the rerun skips it (saying why), resumes from checkpoint-2
     and ends with the weights of an uninterrupted run."""
     from safetensors.torch import load_file
-    from llava_drip.train.train import train
     args = lambda out: [*_common(work, out), "--version", "v1", "--data_path", str(work / "data" / "finetune.json"),
                         "--image_aspect_ratio", "pad", "--max_steps", "4", "--per_device_train_batch_size", "4",
                         "--learning_rate", "1e-3", "--save_strategy", "steps", "--save_steps", "2"]
-    straight = tmp_path / "straight"
-    train(args(straight))
+    straight = tmp_path / "straight"  # in its own process, like the killed and the resumed run
+    proc = subprocess.run([sys.executable, str(REPO / "llava_drip" / "train" / "train.py"), *args(straight)],
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(REPO), LLAVA_DRIP_KILL_FILE=target, LLAVA_DRIP_KILL_BYTES=str(nbytes))
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "kill_plant.py"), "train", *args(killed)], env=env,
