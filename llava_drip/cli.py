@@ -17,6 +17,8 @@ COMMANDS = {
     "clip-train": ("llava_drip.clip.train:main", "contrastive pretraining on open_clip_train's own loop"),
     "zeroshot": ("llava_drip.clip.zeroshot:main", "zero-shot top-1/top-5 on an ImageFolder"),
     "calibrate": ("llava_drip.clip.calibrate:main", "fit a DRIP tower's calibrated boundaries on held-out images"),
+    "convert-reference": ("llava_drip.drip.convert_reference:main",
+                          "reference DRIP (Yusen-Peng/DRIP) checkpoint -> this project's safetensors"),
     "classify": ("llava_drip.classify.train:main", "linear probe or finetune on an ImageFolder"),
     "flops": ("llava_drip.inspect.flops:main", "GFLOPs per image (fvcore, attention counted)"),
     "tokens": ("llava_drip.inspect.tokens:main", "visual tokens per image and boundary maps"),
@@ -37,8 +39,9 @@ def _load(target: str):
 
 def _usage() -> str:
     lines = ["usage: llava-drip <command> [args]", "", "commands:"]
+    width = max(map(len, COMMANDS))  # the help column starts two spaces after the longest name
     for name, (_, help_) in COMMANDS.items():
-        lines.append(f"  {name:<16} {help_}")
+        lines.append(f"  {name:<{width}}  {help_}")
     return "\n".join(lines)
 
 

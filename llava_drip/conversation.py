@@ -5,6 +5,9 @@ LLaVA's `conv_templates` is here under the same name, and `get_prompt()` renders
 for byte: the prompt is a data format shared with LLaVA checkpoints. Training-time label masking for
 these templates lives in llava_drip/train/data.py.
 
+LLaVA-NeXT's templates for the Qwen2 LLMs (`qwen_1_5`, `qwen_2`; ChatML with <|im_start|> / <|im_end|>)
+sit in `next_conv_templates`, beside LLaVA-1.5's `conv_templates`; `get_conv_template` reads both.
+
 A message is a string, None (the open assistant turn a prompt for generation ends with), or, for a
 first user turn that carries an image, a tuple ``(text, PIL.Image, image_process_mode)`` as LLaVA's
 Gradio demo builds it; ``image_process_mode`` is one of "Pad", "Default", "Crop", "Resize".
@@ -114,8 +117,14 @@ class Conversation:
 
     @property
     def stop_str(self) -> str:
-        """The string that ends an answer in LLaVA's serving code (sep2 for TWO, sep otherwise)."""
-        return self.sep2 if self.sep_style == SeparatorStyle.TWO else self.sep
+        """The string that ends an answer in LLaVA's serving code (sep2 for TWO, sep otherwise).
+
+        An MPT sep that carries the newline between turns (qwen: "<|im_end|>\n") stops at its marker."""
+        if self.sep_style == SeparatorStyle.TWO:
+            return self.sep2
+        if self.sep_style == SeparatorStyle.MPT:
+            return self.sep.strip() or self.sep
+        return self.sep
 
     @property
     def style(self) -> str:
@@ -326,9 +335,27 @@ conv_templates: Dict[str, Conversation] = {
     "mpt": conv_mpt,
 }
 
+# ---- LLaVA-NeXT's templates for the newer LLMs ------------------------------------------------------------
+# LLaVA-NeXT renders Qwen's ChatML with its CHATML style: system + sep + "\n", then role + "\n" + message
+# + sep + "\n" per turn, role + "\n" for the open turn. MPT with the newline folded into the roles and
+# sep renders the same string byte for byte. Labels: data.py's per-role rule (version "qwen").
+conv_qwen = Conversation(
+    system="<|im_start|>system\nYou are a helpful assistant.",
+    roles=("<|im_start|>user\n", "<|im_start|>assistant\n"), version="qwen", messages=(), offset=0,
+    sep_style=SeparatorStyle.MPT, sep="<|im_end|>\n",
+)
+
+next_conv_templates: Dict[str, Conversation] = {
+    "qwen_1_5": conv_qwen,
+    "qwen_2": conv_qwen,
+    "llava_mistral_instruct": conv_mistral_instruct,  # LLaVA-NeXT's alias
+}
+
 
 def get_conv_template(name: str) -> Conversation:
-    """A fresh copy of the named template; ValueError naming the valid ones otherwise."""
-    if name not in conv_templates:
-        raise ValueError(f"unknown conversation template {name!r}; available: {sorted(conv_templates)}")
-    return conv_templates[name].copy()
+    """A fresh copy of the named template (LLaVA's or LLaVA-NeXT's); ValueError naming the valid ones otherwise."""
+    template = conv_templates.get(name) or next_conv_templates.get(name)
+    if template is None:
+        raise ValueError(f"unknown conversation template {name!r}; available: "
+                         f"{sorted(conv_templates) + sorted(next_conv_templates)}")
+    return template.copy()

@@ -319,3 +319,105 @@ def test_strict_checkpoint_loading(tmp_path):
         load_checkpoint(model, tmp_path / "bad.safetensors")
     res = load_checkpoint(model, tmp_path / "bad.safetensors", strict=False)
     assert res.missing_keys == ["visual.proj"]
+
+
+# ---- ln_pre / proj_bias: the reference's layout as options, off by default ------------------------------
+_TOP_KEYS = ["class_embedding", "positional_embedding", "proj", "calib_quantiles", "calib_target", "conv1.weight",
+             "ln_pre.weight", "ln_pre.bias", "boundary_predictor.fc1.weight", "boundary_predictor.fc1.bias",
+             "boundary_predictor.fc2.weight", "boundary_predictor.fc2.bias", "ln_short.weight", "ln_short.bias",
+             "ln_post.weight", "ln_post.bias"]
+_BLOCK_KEYS = ["ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+               "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+               "mlp.c_proj.weight", "mlp.c_proj.bias"]
+
+
+def _tower_keys(pre=2, post=4):
+    blocks = [f"{s}.{i}.{k}" for s, n in (("pre_blocks", pre), ("post_blocks", post)) for i in range(n)
+              for k in _BLOCK_KEYS]
+    return set(_TOP_KEYS) | set(blocks)
+
+
+def test_default_keys_unchanged_and_layout_options_change_only_their_own():
+    default = create_model("DRIP-4x-tiny")
+    assert set(default.visual.state_dict()) == _tower_keys()  # the key set every saved checkpoint has
+    assert default.visual.ln_pre is not None and default.visual.proj_bias is None
+    assert set(create_model("DRIP-4x-32").visual.state_dict()) == _tower_keys(2, 10)
+    no_ln = create_model("DRIP-4x-tiny", ln_pre=False).visual
+    assert no_ln.ln_pre is None and not any("ln_pre" in n for n, _ in no_ln.named_modules())
+    assert set(no_ln.state_dict()) == _tower_keys() - {"ln_pre.weight", "ln_pre.bias"}
+    biased = create_model("DRIP-4x-tiny", proj_bias=True)
+    assert set(biased.visual.state_dict()) == _tower_keys() | {"proj_bias"}
+    assert biased.visual.proj_bias.shape == (128,) and not biased.visual.proj_bias.any()  # starts at zero
+    both = create_model("DRIP-4x-tiny", ln_pre=False, proj_bias=True, shared_norm=True).visual
+    assert set(both.state_dict()) == (_tower_keys() | {"proj_bias"}) - {
+        "ln_pre.weight", "ln_pre.bias", "ln_short.weight", "ln_short.bias"}
+    # the text side is untouched
+    text = {k for k in default.state_dict() if not k.startswith("visual.")}
+    assert text == {k for k in biased.state_dict() if not k.startswith("visual.")}
+
+
+def test_layout_options_round_trip_and_load_strictly(tmp_path):
+    from safetensors.torch import save_file
+    from llava_drip.drip import load_checkpoint
+    torch.manual_seed(0)
+    model = create_model("DRIP-4x-tiny", ln_pre=False, proj_bias=True)
+    with torch.no_grad():
+        model.visual.proj_bias.normal_()
+    path = tmp_path / "layout.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    again = create_model("DRIP-4x-tiny", pretrained=str(path), ln_pre=False, proj_bias=True)
+    torch.testing.assert_close(again.visual.proj_bias, model.visual.proj_bias, rtol=0, atol=0)
+    # without the flags a strict load refuses, names both keys and says which flags fit
+    with pytest.raises(RuntimeError, match=r"(?s)missing.*ln_pre.*unexpected.*proj_bias.*ln_pre=False, proj_bias=True"):
+        create_model("DRIP-4x-tiny", pretrained=str(path))
+    default_path = tmp_path / "default.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model("DRIP-4x-tiny").state_dict().items()}, default_path)
+    with pytest.raises(RuntimeError, match=r"(?s)missing.*proj_bias.*unexpected.*ln_pre.*ln_pre=True, proj_bias=False"):
+        load_checkpoint(create_model("DRIP-4x-tiny", ln_pre=False, proj_bias=True), default_path)
+
+
+@pytest.mark.parametrize("impl", ["padded", "packed"])
+def test_layout_options_reach_every_output(impl):
+    """ln_pre=False is the default tower with its ln_pre taken out, on the tokens LLaVA reads and on the
+    embedding; proj_bias is added after `@ proj`, before the normalisation, and only there."""
+    torch.manual_seed(0)
+    base = create_model("DRIP-4x-tiny", attn_impl=impl, eval_mode="topk").eval()
+    opt = create_model("DRIP-4x-tiny", attn_impl=impl, eval_mode="topk", ln_pre=False, proj_bias=True).eval()
+    sd = {k: v for k, v in base.state_dict().items() if ".ln_pre." not in k}
+    opt.load_state_dict({**sd, "visual.proj_bias": torch.randn(128)}, strict=True)
+    bias = opt.visual.proj_bias.detach()
+    base.visual.ln_pre = torch.nn.Identity()  # the only difference left
+    assert opt.visual.uses_packed == (impl == "packed")
+    x = _batch("DRIP-4x-tiny", b=3)
+    with torch.no_grad():
+        torch.testing.assert_close(opt.visual.embed(x), base.visual.embed(x))
+        for layer in (-1, -2):
+            ours, theirs = (m.visual.encode_tokens(x, select_layer=layer) for m in (opt, base))
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        raw, raw_base = opt.visual(x), base.visual(x)
+        torch.testing.assert_close(raw, raw_base + bias, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(opt.encode_image(x, normalize=True), F.normalize(raw_base + bias, dim=-1),
+                                   atol=1e-5, rtol=1e-5)
+        out = opt(x)
+        torch.testing.assert_close(out["image_features"], F.normalize(raw_base + bias, dim=-1), atol=1e-5, rtol=1e-5)
+    # a true ln_pre is not the identity LayerNorm: the option really removes the normalisation
+    with torch.no_grad():
+        plain = create_model("DRIP-4x-tiny", attn_impl=impl).eval()
+        plain.load_state_dict({**base.state_dict(), "visual.ln_pre.weight": torch.ones(128),
+                               "visual.ln_pre.bias": torch.zeros(128)}, strict=True)
+        assert not torch.allclose(plain.visual.embed(x), opt.visual.embed(x), atol=1e-3)
+    # trained like every other parameter
+    opt.train()
+    opt.visual(x).sum().backward()
+    assert opt.visual.proj_bias.grad is not None and torch.allclose(opt.visual.proj_bias.grad, torch.full((128,), 3.0))
+
+
+def test_flops_without_ln_pre():
+    from llava_drip.inspect import flops
+    full = flops.count_model("DRIP-4x-tiny")
+    lean = flops.count_model("DRIP-4x-tiny", ln_pre=False, proj_bias=True)
+    ln_pre = flops.LN_FLOPS_PER_ELEMENT * 65 * 128  # 1 + N rows of width 128
+    assert abs((full["gflops"] - lean["gflops"]) * 1e9 - ln_pre) < 1
+    assert abs((full["analytic_gflops"] - lean["analytic_gflops"]) * 1e9 - ln_pre) < 1
+    assert abs(lean["gflops"] - lean["analytic_gflops"]) <= 0.01 * lean["analytic_gflops"]

@@ -75,10 +75,34 @@ def load_checkpoint(model: torch.nn.Module, path, strict: bool = True):
     if result.missing_keys or result.unexpected_keys:
         msg = (f"{path}: {len(result.missing_keys)} missing keys {result.missing_keys[:8]}, "
                f"{len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:8]}")
+        hints = _layout_hints(result.missing_keys, result.unexpected_keys)
+        if hints:
+            msg += f"; the checkpoint looks built with drip_cfg {', '.join(hints)}"
         if strict:
             raise RuntimeError(msg + " (pass strict=False to load anyway)")
         _logger.warning(msg)
     return result
+
+
+def _layout_hints(missing, unexpected):
+    """drip_cfg flags that change the tower's keys and would explain a mismatch (e.g. a converted
+    reference checkpoint loaded without its flags)."""
+    def has(keys, suffix):
+        return any(k == suffix or k.endswith("." + suffix) for k in keys)
+    hints = []
+    if has(missing, "ln_pre.weight"):
+        hints.append("ln_pre=False")
+    if has(unexpected, "ln_pre.weight"):
+        hints.append("ln_pre=True")
+    if has(unexpected, "proj_bias"):
+        hints.append("proj_bias=True")
+    if has(missing, "proj_bias"):
+        hints.append("proj_bias=False")
+    if has(missing, "ln_short.weight"):
+        hints.append("shared_norm=True")
+    if has(unexpected, "ln_short.weight"):
+        hints.append("shared_norm=False")
+    return hints
 
 
 def vit_to_drip_key(key: str, pre_layers: int, post_layers: int) -> Optional[str]:

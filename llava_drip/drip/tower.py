@@ -1,11 +1,11 @@
 """DRIP vision tower: a ViT that pools its patch tokens into learned segments after `pre_layers` blocks.
 
 Forward (batch first):
-  image -> conv1 patches [B, N, D] -> CLS + position embedding -> ln_pre
+  image -> conv1 patches [B, N, D] -> CLS + position embedding -> ln_pre (absent with ln_pre=False)
   -> pre_blocks at full length [B, 1+N, D]
   -> boundary predictor on the patch tokens -> boundaries [B, N] (sampled in train, deterministic in eval)
   -> group-mean pooling [B, S, D] + valid mask -> CLS re-attached -> ln_short
-  -> post_blocks on [B, 1+S, D] with a key-padding mask -> ln_post -> pool -> proj
+  -> post_blocks on [B, 1+S, D] with a key-padding mask -> ln_post -> pool -> proj (+ proj_bias)
 
 attn_impl='packed' runs the same post-pooling stack on every image's rows stacked into one
 [sum_b (1+G_b), D] tensor: token-wise layers see no padding, and only the attention core is laid
@@ -15,6 +15,10 @@ lets pad rows take part in attention and the mean.
 
 Parameter names follow open_clip's VisionTransformer (conv1, class_embedding, positional_embedding,
 ln_pre, resblock ln_1/attn/ln_2/mlp.c_fc/mlp.c_proj, ln_post, proj) so ViT weights map one to one.
+Two options exist for the reference's layout (convert_reference.py), both off by default so the saved
+keys are open_clip's: ln_pre=False builds no ln_pre at all (no ln_pre.* keys), and proj_bias=True adds
+a `proj_bias` [output_dim] parameter, added after `@ proj` and before any normalisation (the
+reference's Linear head).
 """
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -137,6 +141,8 @@ class DRIPVisionTransformer(nn.Module):
         cover_tail: bool = True,
         shared_norm: bool = False,
         attn_impl: str = "padded",
+        ln_pre: bool = True,
+        proj_bias: bool = False,
         act_layer=nn.GELU,
     ):
         super().__init__()
@@ -175,7 +181,8 @@ class DRIPVisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))  # 1-D: kept out of weight decay
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.num_patches + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
+        # ln_pre=False: no module (and no keys) at all, as the reference's tower
+        self.ln_pre = nn.LayerNorm(width) if ln_pre else None
         self.pre_blocks = nn.ModuleList([Block(width, heads, mlp_ratio, act_layer) for _ in range(pre_layers)])
         self.boundary_predictor = BoundaryPredictor(width, predictor_hidden_mult, logit_clamp, prob_clamp)
         # the reference shares one LayerNorm before the post blocks and at the end (P15); kept as a flag
@@ -183,6 +190,8 @@ class DRIPVisionTransformer(nn.Module):
         self.post_blocks = nn.ModuleList([Block(width, heads, mlp_ratio, act_layer) for _ in range(post_layers)])
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        # proj_bias=True: the reference's head is a Linear with a bias; None (no key) by default
+        self.proj_bias = nn.Parameter(torch.zeros(output_dim)) if proj_bias else None
         # FLOP simulation hook: when set, replaces predicted boundaries (the predictor still runs)
         self.boundary_override: Optional[torch.Tensor] = None
         # calibration (budget.py): quantiles of the predictor's logits over held-out images, NaN until
@@ -305,12 +314,12 @@ class DRIPVisionTransformer(nn.Module):
         return x, valid
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] -> ln_pre(CLS + patches + position) [B, 1+N, D]."""
+        """Images [B, 3, H, W] -> ln_pre(CLS + patches + position) [B, 1+N, D] (no ln_pre with ln_pre=False)."""
         self._check_input(x)
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, N, D]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        return self.ln_pre(x)
+        return x if self.ln_pre is None else self.ln_pre(x)
 
     def forward_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-pooling activations [B, 1+N, D] (identical to an open_clip ViT's first blocks)."""
@@ -389,9 +398,14 @@ class DRIPVisionTransformer(nn.Module):
             w = torch.cat([torch.zeros_like(w[:, :1]), w[:, 1:]], dim=1)
         return (x * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
 
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled [B, D] -> image embedding [B, E] (unnormalised): `@ proj`, then `+ proj_bias` if present."""
+        out = pooled @ self.proj
+        return out if self.proj_bias is None else out + self.proj_bias.to(out.dtype)
+
     def forward_with_aux(self, x: torch.Tensor, generator: Optional[torch.Generator] = None):
         feats = self.forward_features(x, generator=generator)
-        return self.pool(feats.hidden, feats.valid) @ self.proj, feats
+        return self.project(self.pool(feats.hidden, feats.valid)), feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_aux(x)[0]

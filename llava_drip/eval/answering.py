@@ -216,11 +216,14 @@ class Answerer:
     """A loaded model answering batches of ``Question`` with one conversation template."""
 
     def __init__(self, model_path: str, model_base: str | None = None, conv_mode: str = "vicuna_v1",
-                 device: str | None = None, dtype: str = "auto"):
+                 device: str | None = None, dtype: str = "auto", budget=None):
+        """budget: DRIP visual tokens per image for every answer ('0.25', 16, 'mean:0.25'); None: the model's."""
         from llava_drip.conversation import get_conv_template
+        from llava_drip.drip.budget import parse_budget
         from llava_drip.mm_utils import get_model_name_from_path
         from llava_drip.model.builder import load_pretrained_model
 
+        self.budget = parse_budget(budget)  # a typo fails before the model loads
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.conv_template = get_conv_template(conv_mode)  # fails early on a bad name
         self.model_name = get_model_name_from_path(model_path)
@@ -289,7 +292,7 @@ class Answerer:
             input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
             mask[i, width - len(x):] = 1
         out = self.model.generate(input_ids.to(self.device), images=images, attention_mask=mask.to(self.device),
-                                  pad_token_id=tok.pad_token_id, **settings.generate_kwargs())
+                                  pad_token_id=tok.pad_token_id, budget=self.budget, **settings.generate_kwargs())
         texts = []
         for row in out.tolist():
             if tok.eos_token_id in row:  # batch mates that stopped later pad this row after its EOS
@@ -371,6 +374,9 @@ def add_common_args(p: argparse.ArgumentParser, *, conv_mode: str):
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="auto: float16 on GPU (as LLaVA), float32 on CPU")
     p.add_argument("--seed", type=int, default=0, help="torch seed, for sampling (temperature > 0)")
+    p.add_argument("--budget", default=None,
+                   help="DRIP visual tokens per image: 0.25 (exactly round(0.25 N)), 16, mean:0.25 (calibrated "
+                        "mean, counts vary per image); default: the model's own")
     p.add_argument("--skip-missing-images", action="store_true",
                    help="leave out questions whose image file is missing (counted) instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="discard an existing answers file instead of resuming it")
@@ -406,7 +412,8 @@ def answer_questions(questions: list[Question], args: argparse.Namespace, answer
         resumed = sum(str(q.qid) in answers.done for q in todo_all)
         answerer = None
         if todo:
-            answerer = Answerer(args.model_path, args.model_base, args.conv_mode, args.device, args.dtype)
+            answerer = Answerer(args.model_path, args.model_base, args.conv_mode, args.device, args.dtype,
+                                budget=getattr(args, "budget", None))
         settings = GenerationSettings(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
         with tqdm(total=len(todo), desc=f"answering chunk {args.chunk_idx}/{args.num_chunks}", unit="q") as bar:
             for start in range(0, len(todo), args.batch_size):

@@ -188,14 +188,14 @@ def analytic_macs(name: str, groups: Optional[int] = None, image_size: Optional[
         n = (size // patch) ** 2
         g = target_groups(d["prior"], n) if groups is None else int(groups)
         out["patch_embed"] = n * width * 3 * patch * patch
-        out["norms"] = LN_FLOPS_PER_ELEMENT * (1 + n) * width  # ln_pre
+        out["norms"] = LN_FLOPS_PER_ELEMENT * (1 + n) * width if d["ln_pre"] else 0  # ln_pre (absent: ln_pre=False)
         _add(out, _block_macs(1 + n, width, hidden), d["pre_layers"])
         ph = d["predictor_hidden_mult"] * width
         out["predictor"] = n * width * ph + n * ph
         out["pooling"] = n * g * width  # einsum 'bnd,bns->bsd'
         out["norms"] += 2 * LN_FLOPS_PER_ELEMENT * (1 + g) * width  # ln_short (or the shared one) + ln_post
         _add(out, _block_macs(1 + g, width, hidden), d["post_layers"])
-        out["head"] = width * cfg["embed_dim"]
+        out["head"] = width * cfg["embed_dim"]  # proj; a proj_bias add is free, as every add here
     else:
         from open_clip.model import CLIPVisionCfg
         vc = CLIPVisionCfg(**v)
@@ -255,8 +255,9 @@ def seed_compat(name: str, tower: nn.Module, correct: int, analysis=None) -> dic
                               f"target groups", "gflops": (raw - correct) / 1e9})
         pred = _module_total(fa, lambda k: k == "boundary_predictor")
         diffs.append({"what": "boundary predictor MLP bypassed (not counted)", "gflops": -pred / 1e9})
-        ln_pre = _module_total(fa, lambda k: k == "ln_pre")
-        diffs.append({"what": "no ln_pre in the seed's tower", "gflops": -ln_pre / 1e9})
+        ln_pre = _module_total(fa, lambda k: k == "ln_pre")  # 0 for a tower built with ln_pre=False
+        if tower.ln_pre is not None:
+            diffs.append({"what": "no ln_pre in the seed's tower", "gflops": -ln_pre / 1e9})
         ln1 = _module_total(fa, lambda k: k.endswith(".ln_1"))
         diffs.append({"what": "norm1 applied 3x per block (separately to query, key, value)",
                       "gflops": 2 * ln1 / 1e9})

@@ -1,7 +1,8 @@
 """load_pretrained_model: LLaVA's loader, dispatching on what the folder holds (never on its name).
 
 A folder is one of (this project's names and LLaVA's)
-- a full model:   config.json (model_type llava_llama or LLaVA's llava) + model*.safetensors / pytorch_model*.bin
+- a full model:   config.json (model_type llava_llama, llava_qwen, llava_mistral or LLaVA's llava)
+                  + model*.safetensors / pytorch_model*.bin
 - LoRA + base:    adapter_config.json + non_lora_trainables.{bin,safetensors} + config.json; LLM from model_base
 - projector only: mm_projector.bin / .safetensors + config.json (stage 1); LLM from model_base
 Every load is strict: a missing or unexpected weight is an error naming the folder and the keys, except
@@ -11,6 +12,8 @@ Every load is strict: a missing or unexpected weight is an error naming the fold
 - what transformers itself rebuilds (tied lm_head under tie_word_embeddings, rotary inv_freq, position_ids).
 ``load_pretrained_model(..., strict=False)`` (the name drip.factory.load_checkpoint uses) loads such a
 folder anyway, with the keys in a warning; missing weights then keep their random initialisation.
+The folder's config.json model_type picks the LLM class (llava_qwen: Qwen2, llava_mistral: Mistral,
+anything else: Llama), for LoRA and projector folders too, whose base LLM folder is a plain HF one.
 """
 import json
 import logging
@@ -20,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from llava_drip.model import LlavaConfig, LlavaLlamaForCausalLM
+from llava_drip.model import LLAVA_CLASSES, folder_model_type, llava_classes
 
 _logger = logging.getLogger(__name__)
 
@@ -89,8 +92,8 @@ def _from_pretrained(path: str, cfg, torch_dtype, allow_missing=(), strict: bool
 
     Returns the model and every missing key (allowed ones included), for the caller to settle those.
     """
-    model, info = LlavaLlamaForCausalLM.from_pretrained(path, config=cfg, torch_dtype=torch_dtype,
-                                                        output_loading_info=True)
+    model_cls = LLAVA_CLASSES[type(cfg).model_type][1]  # the class's: LLaVA's own folders say 'llava'
+    model, info = model_cls.from_pretrained(path, config=cfg, torch_dtype=torch_dtype, output_loading_info=True)
     # transformers already drops tied weights (lm_head under tie_word_embeddings) from missing_keys
     unexpected = [k for k in info["unexpected_keys"] if not k.endswith(_REBUILT_BUFFERS)]
     missing = [k for k in info["missing_keys"] if not k.startswith(tuple(allow_missing))]
@@ -151,8 +154,8 @@ def _load_part(model: torch.nn.Module, sd: dict, prefix: str, path: str) -> bool
 
 
 def _llava_config(path: str):
-    """The folder's config as our LlavaConfig (LLaVA's own folders say model_type 'llava' or 'llava_llama')."""
-    cfg = LlavaConfig.from_pretrained(path)
+    """The folder's config as our config class for its LLM (LLaVA's own Llama folders say 'llava' or 'llava_llama')."""
+    cfg = llava_classes(folder_model_type(path))[0].from_pretrained(path)
     if not getattr(cfg, "mm_vision_tower", None):
         raise ValueError(f"{path}/config.json names no mm_vision_tower: not a LLaVA checkpoint")
     return cfg
@@ -162,7 +165,8 @@ def _tokenizer(path: str):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
-        tok.pad_token = tok.unk_token  # LLaVA's choice for Llama/Vicuna
+        # LLaVA's choice for Llama/Vicuna; a byte-level BPE without unk (Qwen-like) pads with its eos
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     return tok
 
 

@@ -1,17 +1,54 @@
 """LLaVA's architecture as mixins over any HF causal LM: vision tower + projector, and the splice of each
 image's visual tokens into the text embeddings at its `-200` placeholder.
 
+One LLM family is four short classes (language_model/llava_llama.py, llava_qwen.py, llava_mistral.py):
+    config  = dataclass(HFConfig, LlavaMetaConfig)          LLaVA's config fields
+    model   = (LlavaMetaModel, HFModel)                     tower + projector on the base model
+    lm      = (LlavaForCausalLMMixin, HFForCausalLM)        __init__, forward, generate: written once here
+
 DRIP hands a different number of tokens per image, so features travel as a list of [G_b, D] tensors;
 padding and CLS never reach the LLM and an image's tokens do not depend on its batch mates.
 """
-from typing import List
+from dataclasses import dataclass
+from typing import Optional, List
 
 import torch
+from transformers import PreTrainedModel
 
 from llava_drip.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 from .multimodal_encoder.builder import build_vision_tower, resolve_tower_type
 from .multimodal_projector.builder import build_vision_projector
+
+
+@dataclass(repr=False, eq=False)
+class LlavaMetaConfig:
+    """LLaVA's config fields, shared by every LLM family (HF configs are dataclasses in transformers 5).
+
+    List it after the HF config: ``@dataclass(repr=False) class C(Qwen2Config, LlavaMetaConfig)``.
+    """
+    mm_vision_tower: Optional[str] = None
+    mm_vision_tower_type: str = "auto"  # drip | open_clip | hf_clip | auto
+    mm_vision_tower_pretrained: Optional[str] = None  # clip-train checkpoint the tower came from
+    mm_vision_select_layer: int = -1
+    mm_vision_select_feature: str = "patch"
+    mm_drip_eval_mode: str = "calibrated"  # calibrated | threshold | topk | sample (checkpoints before: threshold)
+    mm_drip_budget: Optional[str] = None  # default tokens per image: '0.25', '16', 'mean:0.25' (drip/budget.py)
+    mm_hidden_size: Optional[int] = None
+    mm_projector_type: str = "linear"
+    image_aspect_ratio: str = "pad"
+    tokenizer_model_max_length: Optional[int] = None
+    tokenizer_padding_side: str = "right"
+    tune_mm_mlp_adapter: bool = False
+    mm_use_im_start_end: bool = False
+    # LLaVA's own fields, saved so LLaVA's builder reads our folders as it reads its own
+    # (mm_use_im_patch_token defaults to True there: missing, it grows the vocabulary on load)
+    mm_use_im_patch_token: bool = False
+    use_mm_proj: bool = True
+    mm_patch_merge_type: str = "flat"
+    freeze_mm_mlp_adapter: bool = False
+    image_grid_pinpoints: Optional[str] = None
+    mm_projector_lr: Optional[float] = None
 
 
 class LlavaMetaModel:
@@ -119,6 +156,53 @@ class LlavaMetaForCausalLM:
             embeds = [e[:max_len] for e in embeds]
             new_labels = [l[:max_len] for l in new_labels]
         return _pad_batch(embeds, new_labels, padding_side)
+
+
+class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
+    """__init__, forward and generate of every LLaVA causal LM, whatever the LLM family.
+
+    List it before the HF class, ``class LlavaQwenForCausalLM(LlavaForCausalLMMixin, Qwen2ForCausalLM)``,
+    so these methods win and their super() calls reach the HF ones. A subclass names its base model
+    class in `llava_model_class` (LlavaMetaModel + the HF base model).
+    """
+    llava_model_class = None
+
+    def __init__(self, config):
+        # PreTrainedModel's init only: the HF class's own would first build a plain text model
+        PreTrainedModel.__init__(self, config)
+        self.model = self.llava_model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                labels=None, images=None, budgets=None, **kwargs):
+        if inputs_embeds is None and images is not None:
+            inputs_embeds, attention_mask, position_ids, labels = self.prepare_inputs_labels_for_multimodal(
+                input_ids, attention_mask, labels, images, padding_side="right", budget=budgets)
+            input_ids = None
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, inputs: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, input_ids: Optional[torch.Tensor] = None,
+                 budget=None, **kwargs):
+        """Greedy/sampled generation with the KV cache; returns only the new tokens.
+
+        Prompts are re-padded on the left after splicing, so each row's positions start at 0
+        whatever its batch mates' lengths (generate derives position ids from the mask).
+        budget: DRIP visual tokens per image ('0.25', 16, 'mean:0.25', or one per image); None: the
+        config's mm_drip_budget, else the tower's eval_mode.
+        """
+        if "inputs_embeds" in kwargs:
+            raise ValueError("pass input_ids (with -200 placeholders) and images, not inputs_embeds")
+        inputs = inputs if inputs is not None else input_ids  # peft passes input_ids by keyword
+        if inputs is None:
+            raise ValueError("generate needs input_ids")
+        embeds, mask, _, _ = self.prepare_inputs_labels_for_multimodal(
+            inputs, attention_mask, None, images, padding_side="left", budget=budget)
+        return super().generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
 
 
 def _pad_batch(embeds: List[torch.Tensor], labels: List[torch.Tensor], padding_side: str):

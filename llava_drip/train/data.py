@@ -5,6 +5,7 @@ LazySupervisedDataset, DataCollatorForSupervisedDataset), written anew: input_id
 are LLaVA's token for token, including its length arithmetic: each round is tokenized alone and the
 instruction part is masked by count, so e.g. the lone "▁" piece that "ASSISTANT: 2" leaves before a
 digit is supervised, as in LLaVA. One rule per template family (`RoundRule`) replaces LLaVA's copies.
+Qwen's ChatML (LLaVA-NeXT's `qwen_2`) is masked per role instead (`_role_labels`), as LLaVA-NeXT does.
 
 Where LLaVA would mask a whole sample (its arithmetic disagrees with the tokenizer: "tokenization
 mismatch") or nothing is left to learn, the record is a counted bad sample (`BadSampleLog`) instead.
@@ -50,8 +51,8 @@ def prepare_turns(conversations: List[dict], conv: Conversation, has_image: bool
     """Check a record's turns and apply LLaVA's rules to them.
 
     Every turn that holds '<image>' gets exactly one, at its front (image records only). Templates
-    with round arithmetic (v1, llama_2, mpt) drop a leading gpt turn as LLaVA does; the plain
-    template takes exactly [human, gpt].
+    with round arithmetic (v1, llama_2, mpt) or per-role labels (qwen) drop a leading gpt turn as
+    LLaVA and LLaVA-NeXT do; the plain template takes exactly [human, gpt].
 
     Returns:
         [(from, value)], alternating "human" / "gpt" from a human turn and ending with a gpt turn.
@@ -77,7 +78,7 @@ def prepare_turns(conversations: List[dict], conv: Conversation, has_image: bool
             raise BadSample(f"the plain template (stage 1) takes one human and one gpt turn, got {len(turns)} turns")
         if not has_image or DEFAULT_IMAGE_TOKEN not in turns[0][1]:
             raise BadSample("the plain template (stage 1) needs an image record with '<image>' in its first turn")
-    elif _has_round_rule(conv) and turns[0][0] == "gpt":
+    elif _renders_turns(conv) and turns[0][0] == "gpt":
         turns = turns[1:]
     skipped = len(conversations) - len(turns)
     for j, (frm, _) in enumerate(turns):
@@ -99,7 +100,7 @@ def _v0_sentences(turns: List[Tuple[str, str]], conv: Conversation) -> List[str]
 def _render(turns: List[Tuple[str, str]], conv: Conversation) -> str:
     if conv.sep_style == SeparatorStyle.PLAIN:  # the caption alone follows the image
         return DEFAULT_IMAGE_TOKEN + turns[1][1] + conv.sep
-    if not _has_round_rule(conv):
+    if not _renders_turns(conv):
         return "".join(_v0_sentences(turns, conv)) + "### "
     c = conv.copy()
     c.messages = []
@@ -137,6 +138,16 @@ class RoundRule:
 
 def _has_round_rule(conv: Conversation) -> bool:
     return conv.sep_style == SeparatorStyle.LLAMA_2 or conv.version.startswith("v1") or conv.version == "mpt"
+
+
+def _per_role(conv: Conversation) -> bool:
+    """LLaVA-NeXT's `qwen` version: labels per message (preprocess_qwen), not by round arithmetic."""
+    return conv.version == "qwen"
+
+
+def _renders_turns(conv: Conversation) -> bool:
+    """Whether the prompt is the template's own rendering (else LLaVA's v0 fallback format)."""
+    return _has_round_rule(conv) or _per_role(conv)
 
 
 def round_rule(conv: Conversation, legacy: bool) -> Optional[RoundRule]:
@@ -188,6 +199,40 @@ def _round_labels(prompt: str, ids: List[int], tokenizer, rule: RoundRule) -> Tu
     return labels, cur
 
 
+def _role_labels(turns: List[Tuple[str, str]], conv: Conversation, tokenizer) -> Tuple[List[int], List[int]]:
+    """Per-role labels for ChatML (LLaVA-NeXT's preprocess_qwen): the system block and each message are
+    tokenized as their own pieces, which special-token boundaries make exact for a byte-level BPE.
+
+    Supervised: each answer and the <|im_end|> that ends it (generation stops there). Masked: the
+    system block, user turns, the "<|im_start|>assistant\n" headers and the newline after <|im_end|>.
+    (LLaVA-NeXT also supervises every <|im_start|>, <|im_end|> and "\n" token of user turns; here
+    only the assistant's answers are.) Returns (ids, labels); BadSample if a piece's tokens shift.
+    """
+    stop = conv.sep.strip()
+    bos = tokenizer.bos_token_id
+
+    def enc(text: str, first: bool = False) -> List[int]:
+        ids = tokenizer_image_token(text, tokenizer)
+        # a tokenizer that adds BOS gets it once, at the front of the prompt
+        return ids[1:] if not first and bos is not None and ids[:1] == [bos] else ids
+
+    ids = enc(conv.system + conv.sep, first=True)
+    labels = [IGNORE_INDEX] * len(ids)
+    for j, (_, value) in enumerate(turns):
+        role = conv.roles[j % 2]
+        piece = enc(role + value + conv.sep)
+        if j % 2 == 0:
+            labels += [IGNORE_INDEX] * len(piece)
+        else:
+            head, upto = enc(role), enc(role + value + stop)
+            if piece[:len(head)] != head or piece[:len(upto)] != upto or len(upto) <= len(head):
+                raise BadSample(f"tokenization mismatch: turn {j}'s header or answer tokens change with what "
+                                f"follows them (template {conv.version!r})")
+            labels += [IGNORE_INDEX] * len(head) + piece[len(head):len(upto)] + [IGNORE_INDEX] * (len(piece) - len(upto))
+        ids += piece
+    return ids, labels
+
+
 def _v0_labels(turns: List[Tuple[str, str]], conv: Conversation, ids: List[int], tokenizer,
                max_len: Optional[int]) -> List[int]:
     """LLaVA's fallback masking (_mask_targets): each human sentence but its first two tokens."""
@@ -230,6 +275,11 @@ def preprocess(conversations: List[dict], conv: Conversation, tokenizer, has_ima
     if conv.sep_style == SeparatorStyle.PLAIN:
         labels = list(ids)
         _mask(labels, None, len(tokenizer_image_token(DEFAULT_IMAGE_TOKEN, tokenizer)))
+    elif _per_role(conv):
+        piece_ids, labels = _role_labels(turns, conv, tokenizer)
+        if piece_ids != ids:  # the pieces must be the prompt's own tokens, or labels would shift
+            raise BadSample(f"tokenization mismatch: the prompt tokenized whole ({len(ids)} tokens) differs from "
+                            f"its messages tokenized one by one ({len(piece_ids)}; template {conv.version!r})")
     else:
         rule = round_rule(conv, tokenizer_is_legacy(tokenizer) if legacy is None else legacy)
         if rule is None:
@@ -326,9 +376,9 @@ class LazySupervisedDataset(Dataset):
         self.model_max_length, self.mm_use_im_start_end = model_max_length, mm_use_im_start_end
         self.legacy = tokenizer_is_legacy(tokenizer)
         rule = round_rule(conv, self.legacy)
-        logger.info("template %r: LLaVA's %s labels (tokenizer legacy=%s)", conv.version,
-                    "plain" if conv.sep_style == SeparatorStyle.PLAIN else ("v0" if rule is None else "round"),
-                    self.legacy)
+        kind = ("plain" if conv.sep_style == SeparatorStyle.PLAIN else "per-role" if _per_role(conv)
+                else "v0" if rule is None else "round")
+        logger.info("template %r: LLaVA's %s labels (tokenizer legacy=%s)", conv.version, kind, self.legacy)
         if rule is not None and rule.start and tokenizer("a").input_ids[:1] != [tokenizer.bos_token_id]:
             logger.warning("the tokenizer adds no BOS, which LLaVA's label arithmetic assumes: multi-turn records "
                            "will be tokenization mismatches (load it with add_bos_token=True)")

@@ -27,7 +27,7 @@ from transformers import Trainer
 from llava_drip.checkpoints import (UnsafeCheckpointError, atomic_torch_save, llava_checkpoint_problem,
                                     pick_llava_checkpoint)
 from llava_drip.conversation import get_conv_template
-from llava_drip.model import LlavaConfig, LlavaLlamaForCausalLM
+from llava_drip.model import LLAVA_CLASSES, llava_classes
 from llava_drip.utils import atomic_save_tensors
 from llava_drip.train.data import (BadSampleLog, DataCollatorForSupervisedDataset, LazySupervisedDataset,
                                    ModalityLengthGroupedSampler)
@@ -38,7 +38,8 @@ _logger = logging.getLogger("llava_drip.train")
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "base LLM folder (HF format) or a LLaVA checkpoint"})
-    version: str = field(default="v1", metadata={"help": "conversation template: plain | v1 (vicuna_v1)"})
+    version: str = field(default="v1", metadata={
+        "help": "conversation template: plain | v1 (vicuna_v1) | qwen_2 (Qwen2/2.5) | mistral_instruct"})
     freeze_backbone: bool = False
     tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train only the projector"})
     vision_tower: Optional[str] = field(default=None, metadata={"help": "DRIP-4x-32, ViT-B-32, or an HF CLIP folder"})
@@ -388,13 +389,15 @@ def _rank0() -> bool:
 def build_model(model_args, training_args):
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     base_cfg = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path)
-    if isinstance(base_cfg, LlavaConfig):
+    # the base LLM's family picks the LLaVA class: qwen2 -> llava_qwen, mistral -> llava_mistral, else llava_llama
+    cfg_cls, model_cls = llava_classes(type(base_cfg).model_type)
+    if any(isinstance(base_cfg, c) for c, _ in LLAVA_CLASSES.values()):
         cfg = base_cfg
     else:
         d = {k: v for k, v in base_cfg.to_dict().items() if k not in ("model_type", "transformers_version", "architectures")}
-        cfg = LlavaConfig(**d)
+        cfg = cfg_cls(**d)
     extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
-    model = LlavaLlamaForCausalLM.from_pretrained(model_args.model_name_or_path, config=cfg, torch_dtype=dtype, **extra)
+    model = model_cls.from_pretrained(model_args.model_name_or_path, config=cfg, torch_dtype=dtype, **extra)
     model.config.use_cache = False
     if model_args.vision_tower:
         if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
