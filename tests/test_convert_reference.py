@@ -347,3 +347,30 @@ def test_four_pre_block_flops_match_the_reference_table():
         r = flops.count_model(name, seed=True)
         assert abs(r["seed_compat_gflops"] - published) < 0.005, (name, r["seed_compat_gflops"])
         assert abs(r["gflops"] - r["analytic_gflops"]) <= 0.01 * r["analytic_gflops"]
+
+
+def test_converted_checkpoint_is_a_llava_tower(tmp_path):
+    """--vision_tower_pretrained CONVERTED: LLaVA's tower takes the checkpoint's flags, loads it strictly, gives
+    the converted model's tokens, and a saved LLaVA config rebuilds the same tower."""
+    from types import SimpleNamespace
+    from llava_drip.model.multimodal_encoder.builder import build_vision_tower
+    from llava_drip.model.multimodal_encoder.towers import checkpoint_drip_flags
+    _, sd = _reference_clip()
+    ckpt, out = tmp_path / "epoch_10.pt", tmp_path / "model.safetensors"
+    _save_train_ckpt(sd, ckpt)
+    assert _cli(ckpt, "--model", NAME, "--out", out).returncode == 0
+    flags = checkpoint_drip_flags(str(out))
+    assert flags["ln_pre"] is False and flags["proj_bias"] is True and "eval_mode" not in flags
+    cfg = SimpleNamespace(mm_vision_tower=NAME, mm_vision_tower_type="drip", mm_vision_tower_pretrained=str(out),
+                          mm_vision_select_layer=-1, mm_vision_select_feature="patch", mm_drip_eval_mode="topk",
+                          mm_drip_budget=None, mm_drip_arch=flags)
+    tower = build_vision_tower(cfg, load_weights=True)  # strict load
+    ref = load_converted(out, eval_mode="topk").eval()
+    img = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = tower.vision_tower.encode_tokens(img)
+        want = ref.visual.encode_tokens(img)
+    assert len(got) == len(want) and all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
+    rebuilt = build_vision_tower(cfg, load_weights=False)  # as from_pretrained builds it before loading weights
+    assert set(rebuilt.state_dict()) == set(tower.state_dict())
+    assert checkpoint_drip_flags(str(ckpt)) is None  # a plain torch checkpoint carries none

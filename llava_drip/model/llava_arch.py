@@ -34,6 +34,7 @@ class LlavaMetaConfig:
     mm_vision_select_feature: str = "patch"
     mm_drip_eval_mode: str = "calibrated"  # calibrated | threshold | topk | sample (checkpoints before: threshold)
     mm_drip_budget: Optional[str] = None  # default tokens per image: '0.25', '16', 'mean:0.25' (drip/budget.py)
+    mm_drip_arch: Optional[dict] = None  # tower flags its checkpoint carries (convert-reference: ln_pre, proj_bias, ...)
     mm_hidden_size: Optional[int] = None
     mm_projector_type: str = "linear"
     image_aspect_ratio: str = "pad"
@@ -76,6 +77,9 @@ class LlavaMetaModel:
         cfg.mm_drip_eval_mode = model_args.drip_eval_mode
         cfg.mm_drip_budget = model_args.drip_budget
         cfg.mm_projector_type = model_args.mm_projector_type
+        if cfg.mm_vision_tower_type == "drip" and model_args.vision_tower_pretrained:
+            from .multimodal_encoder.towers import checkpoint_drip_flags
+            cfg.mm_drip_arch = checkpoint_drip_flags(model_args.vision_tower_pretrained)  # saved: reloads build the same
         if cfg.mm_vision_tower_type != "hf_clip" and not model_args.vision_tower_pretrained:
             # an untrained DRIP / open_clip tower would train LLaVA on noise without a word
             raise ValueError(f"--vision_tower {model_args.vision_tower} ({cfg.mm_vision_tower_type}) needs "

@@ -34,7 +34,8 @@ def build_vision_tower(config, load_weights: bool = True):
     if kind == "drip":
         return DRIPVisionTower(name, config.mm_vision_select_layer, config.mm_vision_select_feature,
                                eval_mode=getattr(config, "mm_drip_eval_mode", "calibrated"), pretrained=pretrained,
-                               budget=getattr(config, "mm_drip_budget", None))
+                               budget=getattr(config, "mm_drip_budget", None),
+                               drip_flags=getattr(config, "mm_drip_arch", None))
     if kind == "open_clip":
         return OpenCLIPVisionTower(name, config.mm_vision_select_layer, config.mm_vision_select_feature,
                                    pretrained=pretrained)

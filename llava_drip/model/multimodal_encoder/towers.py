@@ -72,9 +72,27 @@ def _visual_state_dict(path: str) -> dict:
     return visual or sd  # a tower-only file has no prefix
 
 
+def checkpoint_drip_flags(path: str) -> Optional[dict]:
+    """The tower flags a checkpoint carries in its safetensors metadata (`llava-drip convert-reference` writes
+    the reference-parity ones: ln_pre, proj_bias, shared_norm, ...); None for a plain clip-train checkpoint.
+    eval_mode is left out: LLaVA picks its own (--drip_eval_mode)."""
+    if not str(path).endswith(".safetensors"):
+        return None
+    import json
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("drip_cfg")
+    if not raw:
+        return None
+    flags = json.loads(raw)
+    flags.pop("eval_mode", None)
+    return flags or None
+
+
 class DRIPVisionTower(_FrozenTower):
     def __init__(self, name: str, select_layer: int = -1, select_feature: str = "patch",
-                 eval_mode: str = "calibrated", pretrained: Optional[str] = None, budget=None):
+                 eval_mode: str = "calibrated", pretrained: Optional[str] = None, budget=None,
+                 drip_flags: Optional[dict] = None):
         super().__init__()
         from llava_drip.drip.factory import get_model_config, is_drip
         from llava_drip.drip.model import build_drip_tower
@@ -86,7 +104,8 @@ class DRIPVisionTower(_FrozenTower):
         self.name, self.select_layer, self.select_feature = name, select_layer, select_feature
         self.budget = parse_budget(budget)  # default tokens per image (None: the eval_mode's rule)
         self._check_feature()
-        self.vision_tower = build_drip_tower(cfg["embed_dim"], cfg["vision_cfg"], {**cfg["drip_cfg"], "eval_mode": eval_mode})
+        drip_cfg = {**cfg["drip_cfg"], **(drip_flags or {}), "eval_mode": eval_mode}
+        self.vision_tower = build_drip_tower(cfg["embed_dim"], cfg["vision_cfg"], drip_cfg)
         if pretrained:
             self.vision_tower.load_state_dict(_visual_state_dict(pretrained), strict=True)
             _logger.info("loaded DRIP tower %s from %s", name, pretrained)
