@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from llava_drip.serve import builtin
 from llava_drip.train import builtin_model
@@ -82,6 +83,30 @@ def test_build_builtin_script_small(tmp_path):
     assert list(result["by_kind"]) == ["colour", "shape", "count", "position"]
     assert result["n"] == 12 and all(v["n"] == 3 for v in result["by_kind"].values())
     assert "| colour |" in doc.read_text()
+
+
+@pytest.mark.slow
+def test_rebuild_from_the_shipped_tower_training_it_in_stage2(tmp_path):
+    """build --tower-from (no clip-train run: the shipped model's tower, with its recipe carried over) and
+    --tower-lr (stage 2 trains the tower too): the new model's tower differs from the shipped one, outside
+    the frozen boundary predictor."""
+    from safetensors.torch import load_file
+    dest = tmp_path / "ship"
+    builtin_model.main(["build", "--work", str(tmp_path / "work"), "--dest", str(dest), "--n", "48",
+                        "--stage1-epochs", "1", "--stage2-epochs", "1", "--lm-steps", "5",
+                        "--tower-from", str(builtin_model.SHIPPED), "--tower-lr", "1e-3"])
+    manifest, shipped = builtin_model.verify(dest), builtin_model.verify(builtin_model.SHIPPED)
+    tower = manifest["recipe"]["tower"]
+    assert tower["command"] == shipped["recipe"]["tower"]["command"]
+    assert tower["taken_from"]["model"] == shipped["files"]["model.safetensors"]["sha256"]
+    assert manifest["recipe"]["llava"]["stage2_tower_lr"] == 1e-3
+    pre = "model.vision_tower.vision_tower."
+    old, new = (load_file(str(d / "model.safetensors")) for d in (builtin_model.SHIPPED, dest))
+    keys = [k for k in old if k.startswith(pre)]
+    assert keys and set(keys) <= set(new)
+    changed = {k[len(pre):] for k in keys if not torch.equal(old[k], new[k])}
+    assert any(k.startswith("pre_blocks.") for k in changed) and any(k.startswith("post_blocks.") for k in changed)
+    assert not any(k.startswith("boundary_predictor.") for k in changed)
 
 
 @pytest.mark.parametrize("answer,kind,named", [

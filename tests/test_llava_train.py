@@ -392,3 +392,48 @@ def test_kill_during_checkpoint_save_then_rerun_matches_straight(work, tmp_path,
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def _tower_state(model):
+    return {k: v.detach().clone() for k, v in model.get_vision_tower().state_dict().items()}
+
+
+def test_tunable_parts_train_the_tower_and_it_is_saved(work, tmp_path):
+    """--mm_tunable_parts mm_vision_tower,mm_mlp_adapter (LLaVA-NeXT's flag): the tower's blocks and the
+    projector change at their own learning rates, the LLM and DRIP's boundary predictor (hard eval-mode
+    boundaries pass it no gradient) stay as they were, and the saved folder loads with the trained tower."""
+    from safetensors.torch import load_file
+    from llava_drip.model.builder import load_pretrained_model
+    from llava_drip.train.train import train
+    out = tmp_path / "s2"
+    trainer = train([*_common(work, out), "--version", "v1", "--data_path", str(work / "data" / "finetune.json"),
+                     "--image_aspect_ratio", "pad", "--max_steps", "3", "--per_device_train_batch_size", "4",
+                     "--learning_rate", "1e-3", "--mm_vision_tower_lr", "5e-4",
+                     "--mm_tunable_parts", "mm_vision_tower,mm_mlp_adapter"])
+    lrs = sorted({g["initial_lr"] if "initial_lr" in g else g["lr"] for g in trainer.optimizer.param_groups})
+    assert lrs == [5e-4, 1e-3]
+    initial = {"vision_tower." + k[len("visual."):]: v for k, v in load_file(str(work / "tower.safetensors")).items()
+               if k.startswith("visual.")}
+    _, model, _, _ = load_pretrained_model(str(out), device="cpu")
+    trained = _tower_state(model)
+    changed = {k for k, v in trained.items() if k in initial and not torch.equal(v, initial[k])}
+    assert any(k.startswith("vision_tower.pre_blocks.") for k in changed), sorted(changed)[:5]
+    assert not any("boundary_predictor" in k for k in changed)
+    llm0 = load_file(str(work / "llm" / "model.safetensors"))
+    saved = load_file(str(out / "model.safetensors"))
+    for k, v in llm0.items():  # the LLM (embeddings, blocks, head) is untouched
+        assert torch.equal(saved[k], v), k
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--mm_tunable_parts", "mm_vision_tower,mm_eyes"], "mm_eyes"),
+    (["--mm_tunable_parts", "mm_language_model", "--tune_mm_mlp_adapter", "True"], "--tune_mm_mlp_adapter"),
+    (["--mm_tunable_parts", "mm_vision_tower", "--lora_enable", "True"], "--lora_enable"),
+])
+def test_tunable_parts_refuses_bad_combinations(work, tmp_path, flags, needle, capsys):
+    from llava_drip.train.train import main
+    with pytest.raises(SystemExit) as e:
+        main([*_common(work, tmp_path / "x"), "--data_path", str(work / "data" / "finetune.json"), *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--mm_tunable_parts" in err and needle in err

@@ -410,15 +410,17 @@ class DRIPVisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_aux(x)[0]
 
-    @torch.no_grad()
     def encode_tokens(self, images: torch.Tensor, select_layer: int = -1, drop_cls: bool = True,
                       budget=None) -> List[torch.Tensor]:
         """The tokens LLaVA receives: one [G_b, D] tensor per image, padding (and CLS) removed.
 
         budget: '0.25' / 0.25 (exactly round(0.25 N) per image), 16 (exactly 16), 'mean:0.25' (the
         calibrated cut: 0.25 N on average, image-dependent), a list with one per image, or None (eval_mode).
+        Builds an autograd graph only when the tower has trainable weights (LLaVA's --mm_tunable_parts).
         """
-        feats = self.forward_features(images, select_layer=select_layer, budget=budget)
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        with torch.set_grad_enabled(trainable):
+            feats = self.forward_features(images, select_layer=select_layer, budget=budget)
         keep = feats.valid.clone()
         if drop_cls:
             keep[:, 0] = False

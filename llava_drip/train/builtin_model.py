@@ -104,20 +104,56 @@ def ship(stage2: Path, dest: Path, recipe: Dict) -> Dict:
     return manifest
 
 
+def shipped_tower(model: Path, out: Path) -> Dict:
+    """The shipped model's DRIP tower as a tower-only safetensors file (what `--tower-from` reuses), with
+    where it came from: the tower part of that model's recipe."""
+    from safetensors.torch import load_file, save_file
+    manifest = verify(model)
+    prefix = "model.vision_tower.vision_tower."
+    sd = {k[len(prefix):]: v for k, v in load_file(str(Path(model) / "model.safetensors")).items() if k.startswith(prefix)}
+    if not sd:
+        raise ValueError(f"{model}/model.safetensors holds no {prefix}* weights")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file({"visual." + k: v.contiguous() for k, v in sd.items()}, str(tmp))  # clip-train export layout
+    os.replace(tmp, out)
+    tower = dict(manifest["recipe"]["tower"])
+    tower.setdefault("taken_from", {"model": manifest["files"]["model.safetensors"]["sha256"],
+                                    "git_commit": manifest.get("git_commit")})
+    return {"weights": str(out), "recipe": tower}
+
+
 def build(work: Path, dest: Path, clip_out: Path, clip_args: List[str], n: int, stage2_epochs: int,
-          lm_steps: int, seed: int = 0, stage1_epochs: int = 1) -> Path:
-    from llava_drip.clip import repro
+          lm_steps: int, seed: int = 0, stage1_epochs: int = 1, tower_from: Optional[Path] = None,
+          tower_lr: Optional[float] = None) -> Path:
+    """tower_from: take the tower from this shipped model instead of training it (the recipe it records
+    is carried over); tower_lr: stage 2 also trains the tower at this learning rate (LLaVA-NeXT's
+    --mm_tunable_parts / --mm_vision_tower_lr)."""
     from llava_drip.train import tiny_pipeline
 
-    a = repro.build_parser().parse_args(clip_args)
-    data = repro.make_data(Path(clip_out).resolve(), a.n, a.data_seed, a.val_per_class)
-    info = repro.train(TOWER, data, Path(clip_out).resolve(), a, seed)  # reused when already trained
-    stage2 = tiny_pipeline.build(str(work), n=n, seed=seed, tower=TOWER, tower_checkpoint=info["weights"],
-                                 lm_steps=lm_steps, stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs)
-    recipe = {"tower": {"model": TOWER, "command": "clip-train " + " ".join(repro.train_argv(TOWER, data, clip_out, a, seed)),
-                        "train_wall_s": info.get("wall_s")},
+    if tower_from is not None:
+        taken = shipped_tower(Path(tower_from), Path(work) / f"{TOWER}-tower.safetensors")
+        weights, tower_recipe = taken["weights"], taken["recipe"]
+    else:
+        from llava_drip.clip import repro
+        a = repro.build_parser().parse_args(clip_args)
+        data = repro.make_data(Path(clip_out).resolve(), a.n, a.data_seed, a.val_per_class)
+        info = repro.train(TOWER, data, Path(clip_out).resolve(), a, seed)  # reused when already trained
+        weights = info["weights"]
+        tower_recipe = {"model": TOWER, "command": "clip-train " + " ".join(repro.train_argv(TOWER, data, clip_out, a, seed)),
+                        "train_wall_s": info.get("wall_s")}
+    extra = None
+    if tower_lr is not None:
+        extra = {"mm_tunable_parts": "mm_vision_tower,mm_mlp_adapter,mm_language_model", "mm_vision_tower_lr": tower_lr}
+    t0 = time.time()
+    stage2 = tiny_pipeline.build(str(work), n=n, seed=seed, tower=TOWER, tower_checkpoint=weights,
+                                 lm_steps=lm_steps, stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs,
+                                 stage2_extra=extra)
+    recipe = {"tower": tower_recipe,
               "llava": {"n_images": n, "seed": seed, "lm_steps": lm_steps, "stage1_epochs": stage1_epochs,
-                        "stage2_epochs": stage2_epochs, "pipeline": "llava_drip.train.tiny_pipeline.build"}}
+                        "stage2_epochs": stage2_epochs, "stage2_tower_lr": tower_lr,
+                        "pipeline": "llava_drip.train.tiny_pipeline.build", "wall_s": round(time.time() - t0, 1)}}
     ship(Path(stage2), dest, recipe)
     print(f"built-in model written to {dest}", flush=True)
     return Path(dest)
@@ -258,6 +294,12 @@ def main(argv=None) -> int:
     b.add_argument("--stage1-epochs", type=int, default=2)
     b.add_argument("--stage2-epochs", type=int, default=6)
     b.add_argument("--lm-steps", type=int, default=150)
+    b.add_argument("--tower-from", type=Path, default=None,
+                   help="reuse the DRIP tower of this shipped model (e.g. llava_drip/assets/tiny-llava) instead of "
+                        "running clip-train; its recipe is carried into the new manifest")
+    b.add_argument("--tower-lr", type=float, default=None,
+                   help="stage 2 also trains the tower at this learning rate (--mm_tunable_parts with "
+                        "mm_vision_tower, --mm_vision_tower_lr); default: frozen")
     e = sub.add_parser("eval", help="held-out accuracy per question kind")
     e.add_argument("--model", type=Path, default=SHIPPED)
     e.add_argument("--out", type=Path, default=REPO / "runs" / "builtin_eval", help="held-out data and answers")
@@ -269,7 +311,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "build":
         build(a.work, a.dest, a.clip_out, a.clip_args.split(), a.n, a.stage2_epochs, a.lm_steps,
-              stage1_epochs=a.stage1_epochs)
+              stage1_epochs=a.stage1_epochs, tower_from=a.tower_from, tower_lr=a.tower_lr)
     elif a.cmd == "eval":
         result = evaluate(a.model, a.out, a.n, a.eval_seed)
         write_report(a.doc, result, "python -m llava_drip.train.builtin_model " + " ".join(argv))

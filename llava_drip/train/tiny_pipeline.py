@@ -63,9 +63,10 @@ def pretrain_tower(out: str, tower: str, seed: int = 0, n: int = 2000, epochs: i
 
 def _calibrated(tower: str, checkpoint: str, held_out: str) -> str:
     """The checkpoint, calibrated on held-out images first if it is not (a random or older tower)."""
-    from llava_drip.drip import create_model, load_checkpoint
+    from llava_drip.drip import create_model
+    from llava_drip.model.multimodal_encoder.towers import _visual_state_dict
     model = create_model(tower)
-    load_checkpoint(model, checkpoint)
+    model.visual.load_state_dict(_visual_state_dict(checkpoint), strict=True)  # a tower-only file works too
     if model.visual.is_calibrated or not os.path.isdir(held_out):
         return checkpoint
     from llava_drip.clip.calibrate import calibrate_checkpoint
@@ -76,13 +77,14 @@ def _calibrated(tower: str, checkpoint: str, held_out: str) -> str:
 def build(out: str, n: int = 1500, seed: int = 0, tower: str = "DRIP-4x-tiny", tower_checkpoint: Optional[str] = None,
           lm_steps: int = 150, stage1_epochs: int = 1, stage2_epochs: int = 3, lora: bool = False,
           clip_epochs: int = 3, drip_eval_mode: str = "calibrated", drip_train_budgets: Optional[str] = None,
-          drip_budget: Optional[str] = None, force: bool = False) -> str:
+          drip_budget: Optional[str] = None, force: bool = False, stage2_extra: Optional[dict] = None) -> str:
     """Run the whole tiny pipeline into `out` (skipping finished steps) and return the stage-2 folder.
 
     drip_eval_mode defaults to 'calibrated': the cut on the predictor's logits that keeps p N tokens
     on average over held-out images, each image its own count (after a short pretraining the
     predictor's probabilities sit near p for every patch, and 'threshold' would keep one or two).
     drip_train_budgets: stage 2 draws one of these budgets per sample (see train.py).
+    stage2_extra: more train.py flags for stage 2 (e.g. mm_tunable_parts, mm_vision_tower_lr).
     """
     from llava_drip.data import synth_llava
     from llava_drip.train import tiny
@@ -122,6 +124,7 @@ def build(out: str, n: int = 1500, seed: int = 0, tower: str = "DRIP-4x-tiny", t
         extra["drip_train_budgets"] = drip_train_budgets
     if drip_budget:  # stage 2 only: stage 1 trains the projector on the tower's default
         extra["drip_budget"] = drip_budget
+    extra.update(stage2_extra or {})
     train(_train_args(final, version="v1", data_path=os.path.join(data, "finetune.json"),
                       pretrain_mm_mlp_adapter=os.path.join(s1, "mm_projector.bin"), image_aspect_ratio="pad",
                       group_by_modality_length=True, num_train_epochs=stage2_epochs, **extra, **common))

@@ -42,6 +42,9 @@ class ModelArguments:
         "help": "conversation template: plain | v1 (vicuna_v1) | qwen_2 (Qwen2/2.5) | mistral_instruct"})
     freeze_backbone: bool = False
     tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train only the projector"})
+    mm_tunable_parts: Optional[str] = field(default=None, metadata={
+        "help": "LLaVA-NeXT's: what trains, comma-separated from mm_vision_tower, mm_mlp_adapter, "
+                "mm_language_model (default: the projector in stage 1, projector + LLM in stage 2)"})
     vision_tower: Optional[str] = field(default=None, metadata={"help": "DRIP-4x-32, ViT-B-32, or an HF CLIP folder"})
     vision_tower_type: str = field(default="auto", metadata={"help": "drip | open_clip | hf_clip | auto"})
     vision_tower_pretrained: Optional[str] = field(default=None, metadata={"help": "clip-train checkpoint for the tower"})
@@ -83,6 +86,7 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_dropout: float = 0.05
     lora_bias: str = "none"
     mm_projector_lr: Optional[float] = None
+    mm_vision_tower_lr: Optional[float] = None
     freeze_mm_mlp_adapter: bool = False
     remove_unused_columns: bool = False
     bits: int = 16
@@ -260,7 +264,8 @@ class LLaVATrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):
-        if self.args.mm_projector_lr is None or self.optimizer is not None:
+        lrs = {"mm_projector": self.args.mm_projector_lr, "vision_tower": self.args.mm_vision_tower_lr}
+        if all(v is None for v in lrs.values()) or self.optimizer is not None:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
@@ -268,10 +273,10 @@ class LLaVATrainer(Trainer):
         for n, p in opt_model.named_parameters():
             if not p.requires_grad:
                 continue
-            is_proj = "mm_projector" in n
-            key = (is_proj, n in decay)
+            part = next((k for k, v in lrs.items() if v is not None and k in n), None)
+            key = (part, n in decay)
             groups.setdefault(key, {"params": [], "weight_decay": self.args.weight_decay if n in decay else 0.0,
-                                    **({"lr": self.args.mm_projector_lr} if is_proj else {})})["params"].append(p)
+                                    **({"lr": lrs[part]} if part else {})})["params"].append(p)
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = cls(list(groups.values()), **kwargs)
         return self.optimizer
@@ -418,7 +423,17 @@ def build_model(model_args, training_args):
     if training_args.freeze_mm_mlp_adapter and model_args.vision_tower:
         model.get_model().mm_projector.requires_grad_(False)
     if model_args.vision_tower:
-        model.get_vision_tower().requires_grad_(False)  # frozen in every stage
+        model.get_vision_tower().requires_grad_(False)  # frozen unless --mm_tunable_parts names it
+    parts = tunable_parts(model_args, training_args)
+    if parts is not None:
+        model.requires_grad_("mm_language_model" in parts)
+        if model_args.vision_tower:
+            model.get_model().mm_projector.requires_grad_("mm_mlp_adapter" in parts)
+            tower = model.get_vision_tower()
+            tower.requires_grad_("mm_vision_tower" in parts)
+            predictor = getattr(tower.vision_tower, "boundary_predictor", None)
+            if predictor is not None:  # LLaVA sees hard (eval-mode) boundaries: no gradient reaches it
+                predictor.requires_grad_(False)
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()
     if training_args.lora_enable:
@@ -431,6 +446,28 @@ def build_model(model_args, training_args):
         if model_args.vision_tower and not training_args.freeze_mm_mlp_adapter:
             model.get_base_model().get_model().mm_projector.requires_grad_(True)
     return model
+
+
+TUNABLE_PARTS = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model")
+
+
+def tunable_parts(model_args, training_args):
+    """The set --mm_tunable_parts names (None when not given), after checking it against the other flags."""
+    raw = model_args.mm_tunable_parts
+    if raw is None:
+        return None
+    parts = {p.strip() for p in raw.split(",") if p.strip()}
+    bad = sorted(parts - set(TUNABLE_PARTS))
+    if bad or not parts:
+        raise ArgumentError(f"--mm_tunable_parts {raw!r}: unknown part(s) {bad}; choose from {list(TUNABLE_PARTS)}")
+    if model_args.tune_mm_mlp_adapter or training_args.freeze_mm_mlp_adapter or model_args.freeze_backbone:
+        raise ArgumentError("--mm_tunable_parts replaces --tune_mm_mlp_adapter / --freeze_mm_mlp_adapter / "
+                            "--freeze_backbone: give one or the other")
+    if training_args.lora_enable:
+        raise ArgumentError("--mm_tunable_parts with --lora_enable is not supported: LoRA picks what trains")
+    if parts - {"mm_language_model"} and not model_args.vision_tower:
+        raise ArgumentError(f"--mm_tunable_parts {raw!r} names multimodal parts but there is no --vision_tower")
+    return parts
 
 
 def compute_modality_lengths(dataset, tower, batch_size: int = 64):
@@ -523,6 +560,7 @@ def _check_tower_name(model_args):
 def train(argv=None, attn_implementation: Optional[str] = None):
     model_args, data_args, training_args, notes = parse_args(argv)
     _check_tower_name(model_args)
+    tunable_parts(model_args, training_args)  # a bad --mm_tunable_parts fails before any model is built
     if model_args.attn_implementation is None:
         model_args.attn_implementation = attn_implementation
     logging.basicConfig(level=logging.INFO if _rank0() else logging.WARNING,

@@ -4,8 +4,9 @@
 - OpenCLIPVisionTower: an open_clip ViT (the baseline), patch tokens of a chosen block.
 - HFCLIPVisionTower: transformers' CLIPVisionModel, as in a standard LLaVA-1.5 setup.
 
-Towers are frozen and stay in eval mode even when the trainer calls model.train(): DRIP samples its
-boundaries in train mode, and LLaVA must see the deterministic ones it will see at inference.
+Towers are frozen (unless --mm_tunable_parts names mm_vision_tower) and stay in eval mode even when the
+trainer calls model.train(): DRIP samples its boundaries in train mode, and LLaVA must see the
+deterministic ones it will see at inference.
 """
 import logging
 from typing import List, Optional
@@ -58,6 +59,16 @@ class _FrozenTower(nn.Module):
     def freeze(self):
         self.requires_grad_(False)
         self.eval()
+
+
+def _grad_if_trainable(forward):
+    """No autograd graph through a frozen tower; gradients when --mm_tunable_parts trains it."""
+    def wrapped(self, *args, **kwargs):
+        trainable = any(p.requires_grad for p in self.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            return forward(self, *args, **kwargs)
+    wrapped.__doc__ = forward.__doc__
+    return wrapped
 
 
 def _no_budget(tower, budget):
@@ -156,7 +167,7 @@ class OpenCLIPVisionTower(_FrozenTower):
         g = self.vision_tower.grid_size
         return g[0] * g[1]
 
-    @torch.no_grad()
+    @_grad_if_trainable
     def forward(self, images: torch.Tensor, budget=None) -> List[torch.Tensor]:
         _no_budget(self, budget)
         depth = len(self.vision_tower.transformer.resblocks)
@@ -192,7 +203,7 @@ class HFCLIPVisionTower(_FrozenTower):
         c = self.vision_tower.config
         return (c.image_size // c.patch_size) ** 2
 
-    @torch.no_grad()
+    @_grad_if_trainable
     def forward(self, images: torch.Tensor, budget=None) -> List[torch.Tensor]:
         _no_budget(self, budget)
         out = self.vision_tower(images.to(self.dtype), output_hidden_states=True)
