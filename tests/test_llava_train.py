@@ -437,3 +437,23 @@ def test_tunable_parts_refuses_bad_combinations(work, tmp_path, flags, needle, c
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--mm_tunable_parts" in err and needle in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_tunable_tower_under_deepspeed_two_ranks(work, tmp_path, zero):
+    """--mm_tunable_parts with the tower under DeepSpeed ZeRO-2/3 on 2 ranks: parts of the tower that
+    LLaVA's tokens never reach (ln_post, proj) get no gradient, and the run still trains and saves it."""
+    from safetensors.torch import load_file
+    out = tmp_path / zero
+    _deepspeed(["--deepspeed", str(REPO / "scripts" / f"{zero}.json"), *_common(work, out), "--version", "v1",
+                "--data_path", str(work / "data" / "finetune.json"), "--image_aspect_ratio", "pad",
+                "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+                "--mm_tunable_parts", "mm_vision_tower,mm_mlp_adapter,mm_language_model",
+                "--mm_vision_tower_lr", "1e-3"], tmp_path / f"{zero}.log")
+    saved = load_file(str(out / "model.safetensors"))
+    init = load_file(str(work / "tower.safetensors"))
+    pre = "model.vision_tower.vision_tower."
+    changed = [k for k in init if k.startswith("visual.pre_blocks.")
+               and not torch.equal(saved[pre + k[len("visual."):]].float(), init[k].float())]
+    assert changed
