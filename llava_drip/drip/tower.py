@@ -416,11 +416,9 @@ class DRIPVisionTransformer(nn.Module):
 
         budget: '0.25' / 0.25 (exactly round(0.25 N) per image), 16 (exactly 16), 'mean:0.25' (the
         calibrated cut: 0.25 N on average, image-dependent), a list with one per image, or None (eval_mode).
-        Builds an autograd graph only when the tower has trainable weights (LLaVA's --mm_tunable_parts).
+        Callers decide on autograd (LLaVA's tower wrapper builds a graph only when the tower trains).
         """
-        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        with torch.set_grad_enabled(trainable):
-            feats = self.forward_features(images, select_layer=select_layer, budget=budget)
+        feats = self.forward_features(images, select_layer=select_layer, budget=budget)
         keep = feats.valid.clone()
         if drop_cls:
             keep[:, 0] = False

@@ -133,6 +133,7 @@ class DRIPVisionTower(_FrozenTower):
     def num_patches(self) -> int:
         return self.vision_tower.num_patches
 
+    @_grad_if_trainable
     def forward(self, images: torch.Tensor, budget=None) -> List[torch.Tensor]:
         """budget: one spec or one per image (llava_drip.drip.budget); None: the tower's default."""
         return self.vision_tower.encode_tokens(images.to(self.dtype), select_layer=self.select_layer,
