@@ -24,6 +24,7 @@ COMMANDS = {
     "tokens": ("llava_drip.inspect.tokens:main", "visual tokens per image and boundary maps"),
     "bench encoder": ("llava_drip.inspect.bench_encoder:main", "encoder images/s, latency, memory"),
     "bench prefill": ("llava_drip.inspect.bench_prefill:main", "LLM prefill time vs visual tokens"),
+    "bench serve": ("llava_drip.inspect.bench_serve:main", "chat engine requests/s and latency vs concurrency"),
     "demo": ("llava_drip.serve.demo:main", "Gradio chat demo on the built-in tiny model"),
     "chat": ("llava_drip.serve.cli:main", "chat in the terminal"),
     "serve-api": ("llava_drip.serve.api:main", "OpenAI-compatible HTTP API"),

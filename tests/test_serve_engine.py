@@ -380,14 +380,10 @@ def _png_header_only(w, h) -> bytes:
 
 
 @pytest.fixture
-def no_eos(monkeypatch):
+def no_eos(tiny_engine, monkeypatch):
     """Generation runs to max_new_tokens: the tiny model otherwise stops within a few tokens, too soon
     for a cancel to be told apart from a natural end."""
-    plain = ChatEngine._generate_kwargs
-
-    def kwargs(self, *args, **kw):
-        return dict(plain(self, *args, **kw), suppress_tokens=[self.tokenizer.eos_token_id])
-    monkeypatch.setattr(ChatEngine, "_generate_kwargs", kwargs)
+    monkeypatch.setattr(tiny_engine, "_suppress_ids", tuple(tiny_engine._eos_ids))
 
 
 def test_chat_cancel_stops_generation(tiny_engine, no_eos, caplog):

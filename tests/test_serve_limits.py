@@ -37,8 +37,9 @@ class TalkativeEngine(ChatEngine):
     """Never emits EOS, so a generation runs to max_tokens unless it is cancelled: the tiny model
     otherwise stops within a few tokens, and a cancel could not be told from a natural end."""
 
-    def _generate_kwargs(self, *args, **kwargs):
-        return dict(super()._generate_kwargs(*args, **kwargs), suppress_tokens=[self.tokenizer.eos_token_id])
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._suppress_ids = tuple(self._eos_ids)
 
 
 @pytest.fixture(scope="module")

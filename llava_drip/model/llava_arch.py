@@ -110,6 +110,10 @@ class LlavaMetaForCausalLM:
         budget: DRIP tokens per image, one spec or one per image (llava_drip.drip.budget)."""
         tower = self.get_vision_tower()
         feats = tower(images) if budget is None else tower(images, budget=budget)
+        return self.project_features(feats)
+
+    def project_features(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Tower outputs (list of [G_b, C]) -> LLM-width tokens, all images in one packed projector call."""
         lengths = [f.shape[0] for f in feats]
         proj = self.get_model().mm_projector
         dtype = next(proj.parameters()).dtype if any(True for _ in proj.parameters()) else feats[0].dtype
@@ -117,19 +121,23 @@ class LlavaMetaForCausalLM:
         return list(packed.split(lengths, dim=0))
 
     def prepare_inputs_labels_for_multimodal(self, input_ids, attention_mask, labels, images,
-                                             padding_side: str = "right", budget=None):
+                                             padding_side: str = "right", budget=None, image_features=None):
         """Splice visual tokens into the embeddings. Returns (inputs_embeds, attention_mask, position_ids, labels).
 
         `images` holds one image per sample (text-only samples in a mixed batch carry a dummy image
         that is encoded but used with zero length, so every rank runs the same modules under ZeRO-3).
+        `image_features` (one projected [G_b, hidden] per sample) replaces `images` when the caller has
+        encoded them already (the serving engine encodes an image once and reuses it every turn).
         """
         embed = self.get_model().embed_tokens
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
         B = input_ids.shape[0]
-        image_feats = None
-        if images is not None:
+        image_feats = image_features
+        if image_feats is not None and len(image_feats) != B:
+            raise ValueError(f"got {len(image_feats)} image features for a batch of {B} prompts: one per sample")
+        if image_feats is None and images is not None:
             if images.shape[0] != B:
                 raise ValueError(f"got {images.shape[0]} images for a batch of {B} prompts: one image per sample")
             image_feats = self.encode_images(images, budget)

@@ -17,9 +17,10 @@ another folder is served under its own name unless --model-name says otherwise.
 Limits, so that one expensive request cannot stall or exhaust the server:
 - request body: at most --max-body-mb (default 20) MB, checked from Content-Length before reading and
   counted while reading a chunked body; over it: 413;
-- admission: at most --max-concurrent (default 8) chat requests inside the server at once, from
+- admission: at most --max-concurrent (default 64) chat requests inside the server at once, from
   reading the body to the last token; one more is answered 503 with Retry-After at once rather than
-  queued (the model answers one request at a time, so a long queue only turns into timeouts);
+  queued. The engine decodes up to --max-batch-size (default 32) of them together, one batch with a
+  shared KV cache; the others wait in its line, at most --max-queue (a full line: 503 too);
 - images: decoded by llava_drip.image_io (pixel limit from the header, LLAVA_DRIP_MAX_IMAGE_PIXELS,
   default 64 Mpx), at most two at a time; over the limit: 400 naming the field;
 - prompts: a message the context cannot hold is refused from its length in characters (400 naming
@@ -47,14 +48,15 @@ from llava_drip.image_io import ImageError, open_image
 
 # the engine and the budgets load torch: imported where used (quoted in annotations; not `from __future__
 # import annotations`, which would hide the routes' types from FastAPI), so `--help` answers without torch
-from .builtin import BUILTIN_MODEL_ID, is_builtin, model_path_help, resolve_model_path
+from .builtin import (BUILTIN_MODEL_ID, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, is_builtin, model_path_help,
+                      resolve_model_path)
 from .cli import BUDGET_HELP
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_BODY_MB = 20.0  # a base64 data URL of a large phone photo fits
-DEFAULT_MAX_CONCURRENT = 8
+DEFAULT_MAX_CONCURRENT = 64
 RETRY_AFTER_S = 1
 # decoding one image at the pixel limit takes a few hundred MB for a few seconds: two at a time at
 # most, per process (memory is the process's, whichever app decodes)
@@ -191,6 +193,7 @@ def parse_request(body, check_messages: Optional[Callable[[list], object]] = Non
     return dict(messages=messages, image=image, max_new_tokens=max_tokens,
                 temperature=float(_number(body, "temperature", 0.2, 0.0, 2.0)),
                 top_p=float(_number(body, "top_p", 0.7, 1e-6, 1.0)), stream=stream,
+                seed=_number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
                 budget=parse_budget_field(body.get("drip_budget")),
                 include_usage=bool(isinstance(options, dict) and options.get("include_usage")))
 
@@ -298,6 +301,8 @@ def create_app(engine: "ChatEngine", model_id: str, api_key: Optional[str] = Non
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect
 
+    from .engine import EngineBusy
+
     class EventStream(StreamingResponse):
         """SSE that stops its generation as soon as the client goes away and then runs `done` once."""
 
@@ -380,7 +385,7 @@ def create_app(engine: "ChatEngine", model_id: str, api_key: Optional[str] = Non
             except ValueError as e:
                 raise APIError(400, f"drip_budget: {e}", "drip_budget") from e
             args = dict(temperature=req["temperature"], top_p=req["top_p"], max_new_tokens=req["max_new_tokens"],
-                        budget=budget)
+                        budget=budget, seed=req["seed"])
             try:
                 if req["stream"]:
                     stream = await run_in_threadpool(engine.stream, req["messages"], req["image"], **args)
@@ -399,6 +404,9 @@ def create_app(engine: "ChatEngine", model_id: str, api_key: Optional[str] = Non
                     text, stats = await work
                 finally:
                     watch.cancel()
+            except EngineBusy as e:  # the engine's line is full
+                raise APIError(503, f"the server is busy: {e}", type_="server_error", code="server_busy",
+                               headers={"Retry-After": str(RETRY_AFTER_S)}) from e
             except ValueError as e:  # the engine's input checks: roles, order, prompt length
                 raise APIError(400, str(e), getattr(e, "param", None) or "messages") from e
         finally:
@@ -448,12 +456,18 @@ def main(argv=None) -> int:
     p.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT,
                    help="chat requests handled at once, from reading the body to the last token (default "
                         "%(default)s); one more gets 503 with Retry-After instead of waiting in a queue")
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                   help="requests the engine decodes together (default %(default)s; 1: one at a time)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="requests that may wait for a place in the batch (default %(default)s); one more "
+                        "gets 503 with Retry-After")
     p.add_argument("--device", default="cpu")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     args = p.parse_args(argv)
     prog = "llava-drip serve-api"
-    if args.max_body_mb <= 0 or args.max_concurrent < 1:
-        print(f"{prog}: --max-body-mb must be > 0 and --max-concurrent >= 1", file=sys.stderr)
+    if args.max_body_mb <= 0 or min(args.max_concurrent, args.max_batch_size, args.max_queue) < 1:
+        print(f"{prog}: --max-body-mb must be > 0 and --max-concurrent, --max-batch-size, --max-queue >= 1",
+              file=sys.stderr)
         return 2
     from llava_drip.drip.budget import parse_budget
     try:  # before loading the model: a typo fails in a second
@@ -468,7 +482,8 @@ def main(argv=None) -> int:
     model_path = resolve_model_path(args.model_path)
     api_key = os.environ.get(args.api_key_env) or None
     model_id = args.model_name or default_model_id(model_path)
-    engine = ChatEngine(model_path, model_base=args.model_base, device=args.device)
+    engine = ChatEngine(model_path, model_base=args.model_base, device=args.device,
+                        max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     _log_to_stderr(args.log_level)
     try:
         app = create_app(engine, model_id, api_key, budget, max_body_bytes=int(args.max_body_mb * 1e6),

@@ -12,6 +12,9 @@ import sys
 from typing import Optional, TextIO
 
 BUILTIN_MODEL_ID = "llava-drip-tiny"  # the API's model id for it
+# the chat engine's bounds (engine.ChatEngine), here so that the commands' --help need not import torch
+DEFAULT_MAX_BATCH_SIZE = 32  # requests decoded together
+DEFAULT_MAX_QUEUE = 256  # requests waiting for a place in the batch
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-llava")
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 # the engine and the budgets load torch, gradio takes seconds too: imported where used, so `--help` is fast
 from .api import DEFAULT_MAX_BODY_MB  # a light import: the API loads its server and torch where used
-from .builtin import is_builtin, model_path_help, resolve_model_path
+from .builtin import DEFAULT_MAX_BATCH_SIZE, is_builtin, model_path_help, resolve_model_path
 
 if TYPE_CHECKING:  # annotations only: the engine imports torch
     from .engine import ChatEngine, ChatStats, ImageTokens
@@ -351,7 +351,8 @@ def launch(demo, host: str = "127.0.0.1", port: Optional[int] = None, share: boo
            max_upload_mb: float = MAX_UPLOAD_MB):
     """Queue and start `demo` without blocking. Uploads over `max_upload_mb` are refused by Gradio before
     they reach the temp folder; an unexpected exception shows its message, never a bare "Error"."""
-    demo.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
+    # each user's answer is its own event: let up to a batch of them reach the engine, which decodes them together
+    demo.queue(default_concurrency_limit=DEFAULT_MAX_BATCH_SIZE).launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
                         max_file_size=int(max_upload_mb * 1e6), show_error=True)
     return demo
 

@@ -16,17 +16,19 @@ Cost bounds (what keeps one request from starving the others):
 - `chat(..., cancel=event)` and `ChatStream.close()` stop generation at the next token, and a request
   still waiting for the model gives up its place as soon as it is cancelled.
 """
+import collections
 import logging
 import os
+import queue
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from llava_drip.constants import DEFAULT_IMAGE_TOKEN
 from llava_drip.conversation import get_conv_template
@@ -34,7 +36,9 @@ from llava_drip.drip.budget import Budget, BudgetLike, parse_budget
 from llava_drip.image_io import open_image
 from llava_drip.image_io import to_rgb as _image_io_to_rgb
 from llava_drip.mm_utils import process_images, tokenizer_image_token
+from llava_drip.model.llava_arch import _pad_batch
 from llava_drip.model.multimodal_encoder.towers import DRIPVisionTower
+from llava_drip.serve.builtin import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
 
 _logger = logging.getLogger(__name__)
 
@@ -42,6 +46,13 @@ ROLES = ("system", "user", "assistant")
 
 # how often a request waiting for the model looks at its cancel event
 _LOCK_POLL_S = 0.05
+# an idle worker that finds 2+ requests waits until none has come for _GATHER_S (at most _GATHER_MAX_S):
+# requests sent together are then encoded and prefilled together; a lone request starts at once
+_GATHER_S = 0.003
+_GATHER_MAX_S = 0.02
+# while rows are decoding, images wait for the tower until a quarter batch of them is waiting or the
+# oldest has waited this long: the tower costs about as much for 8 images as for 1
+_ENCODE_WAIT_S = 0.03
 
 
 class MessageError(ValueError):
@@ -52,8 +63,8 @@ class MessageError(ValueError):
         self.param = param
 
 
-class Cancelled(Exception):
-    """Raised inside the engine when a request is cancelled before it reaches the model."""
+class EngineBusy(RuntimeError):
+    """The engine's line is full (`max_queue` requests waiting): try again later (the API answers 503)."""
 
 
 @dataclass
@@ -83,6 +94,7 @@ class ImageTokens:
     tokens_in: int  # patch tokens
     tokens_out: int  # tokens kept at `budget`
     budget: Optional[str] = None  # budget spec (budget_text); None: the model's default
+    features: Optional[torch.Tensor] = None  # the tower's output [tokens_out, C], reused by every answer
 
 
 def visual_token_summary(tokens_in: int, tokens_out: int, budget: Optional[str] = None) -> str:
@@ -139,17 +151,28 @@ def validate_messages(messages: Sequence[dict]) -> List[dict]:
 
 
 class ChatEngine:
-    """Load a model folder once; answer conversations one at a time (a lock guards generate).
+    """Load a model folder once; answer many conversations at a time.
+
+    Requests from any thread go into one line; a worker thread takes up to `max_batch_size` of them,
+    prefills the new prompts together and decodes all running rows one token per step with a shared
+    KV cache (left padding; rows join between steps and leave when they finish). Each request keeps
+    its own stopping, streaming and sampling (temperature, top_p, seed). Greedy answers are the same
+    as answering alone.
 
     Args:
         model_path: a folder `load_pretrained_model` accepts (full, LoRA or projector checkpoint).
         model_base: base LLM folder for LoRA / projector checkpoints.
         device: torch device string.
         conv_template: conversation template name (see llava_drip.conversation).
+        max_batch_size: rows decoded together (1: one request at a time).
+        max_queue: requests that may wait for a row; one more raises EngineBusy.
     """
 
     def __init__(self, model_path: str, model_base: Optional[str] = None, device: str = "cpu",
-                 conv_template: str = "vicuna_v1"):
+                 conv_template: str = "vicuna_v1", max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 max_queue: int = DEFAULT_MAX_QUEUE):
+        if int(max_batch_size) < 1 or int(max_queue) < 1:
+            raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size} and {max_queue}")
         from llava_drip.model.builder import load_pretrained_model
         model_path = os.path.expanduser(model_path)
         self.model_path = model_path
@@ -167,29 +190,26 @@ class ChatEngine:
         # which no real message is made of, and the bound is there to keep tokenising cheap.
         longest = max((len(t) for t in self.tokenizer.get_vocab()), default=16)
         self.max_prompt_chars = self.max_prompt_tokens * min(32, max(4, longest))
-        self._lock = threading.Lock()
+        self.max_batch_size, self.max_queue = int(max_batch_size), int(max_queue)
+        self._lock = threading.Lock()  # the model: held by the worker for each step and by image encoding
+        self._cv = threading.Condition()  # guards the line below
+        self._waiting: "collections.deque[_Request]" = collections.deque()
+        self._encodes: "collections.deque[_EncodeJob]" = collections.deque()  # images waiting for the tower
+        self._worker: Optional[threading.Thread] = None
+        self._running = 0  # rows in the batch being decoded
+        self.max_rows_seen = 0  # the largest batch decoded so far
+        eos = self.model.generation_config.eos_token_id
+        self._eos_ids = frozenset([self.tokenizer.eos_token_id] + (list(eos) if isinstance(eos, (list, tuple))
+                                                                   else [eos] if eos is not None else []))
+        stop = get_conv_template(conv_template).stop_str
+        # a stop string that is not the EOS token's text ends an answer when it shows up in the text
+        self._stop_text = stop if stop and stop.strip() and stop != self.tokenizer.eos_token else None
+        self._prefix_state = None  # see _prefix
+        self._suppress_ids: tuple = ()  # token ids never picked (tests use it to make answers run long)
 
     @property
     def vision_tower(self):
         return self.model.get_vision_tower()
-
-    @contextmanager
-    def _turn(self, cancel: Optional[threading.Event] = None):
-        """Hold the model; while waiting for it, give up (Cancelled) once `cancel` is set, so a request
-        whose client has gone does not keep a place in the line."""
-        if cancel is None:
-            self._lock.acquire()
-        else:
-            while not self._lock.acquire(timeout=_LOCK_POLL_S):
-                if cancel.is_set():
-                    raise Cancelled()
-            if cancel.is_set():
-                self._lock.release()
-                raise Cancelled()
-        try:
-            yield
-        finally:
-            self._lock.release()
 
     # ---- budgets ----------------------------------------------------------------------------------------
     @property
@@ -254,12 +274,40 @@ class ChatEngine:
         pixels = process_images([rgb], self.image_processor, self.model.config)
         return self._count(pixels.to(self.device, dtype=self.model.dtype), parsed)
 
-    @torch.no_grad()
     def _count(self, pixels: torch.Tensor, budget: Optional[Budget]) -> ImageTokens:
+        """Run the tower on one image (in the worker, batched with other requests' images)."""
+        job = _EncodeJob(pixels, budget)
+        with self._cv:
+            self._encodes.append(job)
+            self._start_worker()
+            self._cv.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return ImageTokens(pixels, int(self.vision_tower.num_patches), int(job.features.shape[0]),
+                           budget_text(budget), job.features)
+
+    def _run_encodes(self) -> None:
+        """The tower on every waiting image: one call per budget (and image size). Holds the model lock."""
+        with self._cv:
+            jobs, self._encodes = list(self._encodes), collections.deque()
+        groups: dict = {}
+        for job in jobs:
+            groups.setdefault((budget_text(job.budget), tuple(job.pixels.shape[1:])), []).append(job)
         tower = self.vision_tower
-        with self._lock:
-            feats = tower(pixels) if budget is None else tower(pixels, budget=budget)
-        return ImageTokens(pixels, int(tower.num_patches), int(feats[0].shape[0]), budget_text(budget))
+        for group in groups.values():
+            try:
+                pixels = torch.cat([j.pixels for j in group])
+                budget = group[0].budget
+                with torch.no_grad():
+                    feats = tower(pixels) if budget is None else tower(pixels, budget=budget)
+                for j, f in zip(group, feats):
+                    j.features = f
+            except Exception as e:  # noqa: BLE001  (handed to each caller, which raises it)
+                for j in group:
+                    j.error = e
+            for j in group:
+                j.done.set()
 
     def _image_tokens(self, image, budget: Optional[Budget]) -> Optional[ImageTokens]:
         """The conversation's image at `budget`; an ImageTokens keeps its own budget when budget is None."""
@@ -267,8 +315,10 @@ class ChatEngine:
             return None
         if not isinstance(image, ImageTokens):
             return self.encode_image(image, budget)
-        if budget is None or budget_text(budget) == image.budget:
+        if (budget is None or budget_text(budget) == image.budget) and image.features is not None:
             return image
+        if budget is None:  # counts only (no features): encode at the image's own budget
+            budget = self.resolve_budget(image.budget)
         return self._count(image.pixel_values, budget)  # same pixels, another budget
 
     def render_prompt(self, messages: Sequence[dict], with_image: bool) -> str:
@@ -383,20 +433,17 @@ class ChatEngine:
         max_new_tokens = max(1, min(int(max_new_tokens), self.context_len - n_prompt))
         return ids.unsqueeze(0), n_prompt, max_new_tokens
 
-    def _generate_kwargs(self, ids, image, temperature, top_p, max_new_tokens) -> dict:
-        sample = temperature is not None and temperature > 0
-        kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=sample,
-                      images=image.pixel_values if image is not None else None,
-                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        if image is not None and image.budget is not None:
-            kwargs["budget"] = image.budget  # generate encodes the image again: at the budget it was counted at
-        if sample:
-            kwargs.update(temperature=float(temperature), top_p=float(top_p))
-        else:  # the checkpoint's generation_config may carry sampling values that greedy would warn about
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        return kwargs
+    def _request(self, ids, image, temperature, top_p, max_new_tokens, seed, streaming) -> "_Request":
+        sample = temperature is not None and float(temperature) > 0
+        generator = None
+        if sample and seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        return _Request(ids=ids[0], features=image.features if image is not None else None,
+                        max_new_tokens=int(max_new_tokens), temperature=float(temperature) if sample else 0.0,
+                        top_p=float(top_p), generator=generator, cancel=threading.Event(),
+                        pieces=queue.SimpleQueue() if streaming else None)
 
-    def _prepare(self, messages, image, temperature, top_p, max_new_tokens, budget):
+    def _prepare(self, messages, image, temperature, top_p, max_new_tokens, budget, seed=None, streaming=False):
         messages = self.check_prompt_length(messages)  # validates too; before any image or tokeniser work
         if not 0 <= float(temperature) <= 2:
             raise ValueError(f"temperature must be in [0, 2], got {temperature}")
@@ -406,26 +453,216 @@ class ChatEngine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         tokens = self._image_tokens(image, self.resolve_budget(budget))  # checked with or without an image
         ids, n_prompt, max_new = self._fit_prompt(messages, tokens, max_new_tokens)
-        ids = ids.to(self.device)
-        return tokens, n_prompt, self._generate_kwargs(ids, tokens, temperature, top_p, max_new), ids
+        req = self._request(ids.to(self.device), tokens, temperature, top_p, max_new, seed, streaming)
+        return tokens, n_prompt, req
 
     def _stats(self, tokens, n_prompt, new_ids: torch.Tensor, max_new: int, t0: float,
                cancelled: bool = False) -> ChatStats:
-        ended = bool(new_ids.numel()) and int(new_ids[-1]) == self.tokenizer.eos_token_id
+        ended = bool(new_ids.numel()) and int(new_ids[-1]) in self._eos_ids
         n = int(new_ids.numel())
         reason = "stop" if ended else "length" if n >= max_new else "cancelled" if cancelled else "stop"
         return ChatStats(tokens.tokens_in if tokens else 0, tokens.tokens_out if tokens else 0, n_prompt,
                          n, time.perf_counter() - t0, reason, tokens.budget if tokens else None)
 
-    def _generate(self, ids, kwargs, cancel: Optional[threading.Event]) -> torch.Tensor:
-        """New token ids; stops at the next token once `cancel` is set (empty if cancelled while waiting)."""
-        if cancel is not None:
-            kwargs = dict(kwargs, stopping_criteria=StoppingCriteriaList([_CancelCriteria(cancel)]))
-        try:
-            with self._turn(cancel):
-                return self.model.generate(ids, **kwargs)[0]
-        except Cancelled:
-            return torch.zeros(0, dtype=torch.long)
+    # ---- the batcher: one worker thread runs every request's decoding, many rows at a time -------------
+    def _submit(self, req: "_Request") -> None:
+        """Queue a request for the worker; EngineBusy when `max_queue` requests are already waiting."""
+        with self._cv:
+            if len(self._waiting) >= self.max_queue:
+                raise EngineBusy(f"{len(self._waiting)} requests are waiting for the model (max_queue="
+                                 f"{self.max_queue}); try again shortly")
+            self._waiting.append(req)
+            self._start_worker()
+            self._cv.notify()
+
+    def _start_worker(self) -> None:  # with self._cv held
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="llava-drip-batcher", daemon=True)
+            self._worker.start()
+
+    def _withdraw(self, req: "_Request") -> None:
+        """Take a cancelled request out of the line if the worker has not taken it yet."""
+        with self._cv:
+            if req in self._waiting:
+                self._waiting.remove(req)
+            else:
+                return
+        self._finish(req)
+
+    def _wait(self, req: "_Request") -> torch.Tensor:
+        """Block until `req` is done (leaving the line at once if it is cancelled while waiting); its new ids."""
+        while not req.done.wait(_LOCK_POLL_S):
+            if req.cancel.is_set():
+                self._withdraw(req)
+        if req.error is not None:
+            raise req.error
+        return torch.tensor(req.new_ids, dtype=torch.long)
+
+    def _finish(self, req: "_Request") -> None:
+        if req.done.is_set():
+            return
+        if req.cancel.is_set() and not req.stop_hit:
+            self._log_cancel(torch.tensor(req.new_ids, dtype=torch.long), req.max_new_tokens)
+        if req.pieces is not None:
+            req.pieces.put(None)
+        req.done.set()
+
+    def _work(self) -> None:
+        """The worker: admit waiting requests (prefilled together, then merged into the running batch),
+        then advance every running row by one token; rows leave the batch as they finish."""
+        batch: Optional[_Batch] = None
+        while True:
+            with self._cv:
+                while not self._waiting and not self._encodes and batch is None:
+                    self._cv.wait()
+                if batch is None:  # idle until now: a burst (2+ waiting) may still be arriving; let it
+                    seen, deadline = 1, time.perf_counter() + _GATHER_MAX_S  # settle, to share one call
+                    while seen < len(self._waiting) + len(self._encodes) and time.perf_counter() < deadline:
+                        seen = len(self._waiting) + len(self._encodes)
+                        self._cv.wait(_GATHER_S)
+            joining: List[_Request] = []
+            involved = list(batch.reqs) if batch else []
+            try:
+                with self._lock:  # the model; taken before the line so a waiting request can still withdraw
+                    if self._encodes and (batch is None or len(self._encodes) >= self.max_batch_size // 4 or
+                                          time.perf_counter() - self._encodes[0].since > _ENCODE_WAIT_S):
+                        self._run_encodes()
+                    with self._cv:
+                        room = self.max_batch_size - (len(batch.reqs) if batch else 0)
+                        if batch is None or batch.mergeable:
+                            while self._waiting and len(joining) < room:
+                                req = self._waiting.popleft()
+                                if req.cancel.is_set():
+                                    self._finish(req)
+                                else:
+                                    joining.append(req)
+                    involved += joining
+                    with torch.no_grad():
+                        if joining:
+                            new = self._prefill(joining)
+                            new = self._emit(new, new.last)
+                            if new is not None:
+                                batch = new if batch is None else batch.merge(new)
+                        if batch is not None:
+                            self.max_rows_seen = max(self.max_rows_seen, len(batch.reqs))
+                            batch = self._emit(batch, self._step(batch))
+                        self._running = len(batch.reqs) if batch else 0
+            except BaseException as e:  # every request in flight gets the error; the worker lives on
+                _logger.exception("generation failed")
+                for req in involved:
+                    req.error = e
+                    self._finish(req)
+                batch, self._running = None, 0
+
+    def _prefix(self):
+        """(ids [P], per-layer (keys, values) [1, H, P, D]) of the start every prompt of the template shares
+        (the system message and the first role name), run through the LLM once and reused by every
+        request that starts with it; None when there is none worth it or the cache cannot be shared."""
+        if self._prefix_state is None:
+            self._prefix_state = (None,)
+            texts = [self.render_prompt([{"role": "user", "content": t}], with_image)
+                     for t in ("a", "Zq 17?") for with_image in (False, True)]
+            ids = [tokenizer_image_token(t, self.tokenizer) for t in texts]
+            n = 0
+            while all(len(x) > n + 1 for x in ids) and len({x[n] for x in ids}) == 1 and ids[0][n] >= 0:
+                n += 1
+            n -= 1  # the last shared token might merge with what follows in another prompt
+            if n >= 4:
+                prefix = torch.tensor(ids[0][:n], device=self.device)
+                cache = self.model(input_ids=prefix[None], use_cache=True).cache
+                if all(type(layer) is DynamicLayer for layer in cache.layers):
+                    self._prefix_state = (prefix, [(layer.keys, layer.values) for layer in cache.layers])
+        return self._prefix_state if self._prefix_state[0] is not None else None
+
+    def _prefill(self, reqs: List["_Request"]) -> "_Batch":
+        """Prefill new requests: those that start with the shared prefix reuse its KV cache, the others run
+        whole; both groups end up in one batch."""
+        prefix = self._prefix()
+        if prefix is None:
+            return self._prefill_group(reqs, None)
+        n = prefix[0].numel()
+        shared = [r.ids.numel() > n and torch.equal(r.ids[:n], prefix[0]) for r in reqs]
+        batch = None
+        for group, pre in (([r for r, s in zip(reqs, shared) if s], prefix),
+                           ([r for r, s in zip(reqs, shared) if not s], None)):
+            if group:
+                part = self._prefill_group(group, pre)
+                batch = part if batch is None else batch.merge(part)
+        return batch
+
+    def _prefill_group(self, reqs: List["_Request"], prefix) -> "_Batch":
+        """Embed the prompts (images spliced in, one projector call for all), left-pad them, run the LLM
+        on them (after the shared prefix's cache, if given) and pick each row's first token."""
+        model = self.model
+        skip = prefix[0].numel() if prefix is not None else 0
+        feats = [r.features for r in reqs if r.features is not None]
+        projected = iter(model.project_features(feats) if feats else [])
+        embeds, labels = [], []
+        for r in reqs:
+            f = [next(projected)] if r.features is not None else None
+            e, _, _, lab = model.prepare_inputs_labels_for_multimodal(r.ids[skip:][None], None, None, None,
+                                                                      image_features=f)
+            embeds.append(e[0])
+            labels.append(lab[0])
+        embeds, mask, pos, _ = _pad_batch(embeds, labels, "left")
+        cache = None
+        if prefix is not None:  # rows read [prefix][left padding][their own tokens]
+            b = len(reqs)
+            cache = DynamicCache(config=model.config)
+            for i, (k, v) in enumerate(prefix[1]):
+                cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
+            mask = torch.cat([mask.new_ones(b, skip), mask], dim=1)
+            pos = pos + skip
+        out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                    logits_to_keep=1)
+        return _Batch(reqs, out.cache, mask, pos[:, -1] + 1, self._pick(out.logits[:, -1], reqs))
+
+    def _step(self, batch: "_Batch") -> torch.Tensor:
+        """Feed every row its last token; the next token of each row."""
+        ones = batch.mask.new_ones(batch.mask.shape[0], 1)
+        batch.mask = torch.cat([batch.mask, ones], dim=1)
+        out = self.model(input_ids=batch.last[:, None], attention_mask=batch.mask, position_ids=batch.pos[:, None],
+                         cache=batch.cache, use_cache=True)
+        batch.cache = out.cache
+        batch.pos = batch.pos + 1
+        return self._pick(out.logits[:, -1], batch.reqs)
+
+    def _pick(self, logits: torch.Tensor, reqs: List["_Request"]) -> torch.Tensor:
+        """Next token per row: greedy, or each request's own temperature / top-p (and seed)."""
+        logits = logits.float()
+        if self._suppress_ids:
+            logits[:, list(self._suppress_ids)] = float("-inf")
+        picked = logits.argmax(dim=-1)
+        for i, r in enumerate(reqs):
+            if r.temperature > 0:
+                probs = torch.softmax(logits[i] / r.temperature, dim=-1)
+                if r.top_p < 1:
+                    sorted_p, order = probs.sort(descending=True)
+                    sorted_p[(sorted_p.cumsum(0) - sorted_p) > r.top_p] = 0  # the smallest set holding top_p
+                    probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+                picked[i] = torch.multinomial(probs, 1, generator=r.generator)[0]
+        return picked
+
+    def _emit(self, batch: "_Batch", tokens: torch.Tensor) -> Optional["_Batch"]:
+        """Hand each row its token (stream pieces, stop checks); drop the finished rows; None if none is left."""
+        keep = []
+        for i, (req, tok) in enumerate(zip(batch.reqs, tokens.tolist())):
+            req.new_ids.append(tok)
+            done = tok in self._eos_ids or len(req.new_ids) >= req.max_new_tokens or req.cancel.is_set()
+            if req.pieces is not None or self._stop_text:
+                text = self.tokenizer.decode(req.new_ids, skip_special_tokens=True)
+                if self._stop_text and self._stop_text in text:
+                    text, req.stop_hit, done = text[:text.index(self._stop_text)], True, True
+                if req.pieces is not None and text.startswith(req.sent) and not text.endswith("\ufffd"):
+                    if len(text) > len(req.sent):
+                        req.pieces.put(text[len(req.sent):])
+                        req.sent = text
+            if done:
+                self._finish(req)
+            else:
+                keep.append(i)
+        batch.last = tokens
+        return batch.select(keep)
 
     def _log_cancel(self, new_ids: torch.Tensor, max_new: int) -> None:
         """Say in the log that an answer was cut short (the log is where an operator sees abandoned requests)."""
@@ -443,7 +680,7 @@ class ChatEngine:
     # ---- answering --------------------------------------------------------------------------------------
     def chat(self, messages: Sequence[dict], image: "Image.Image | ImageTokens | None" = None,
              temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 128, budget: BudgetLike = None,
-             cancel: Optional[threading.Event] = None):
+             cancel: Optional[threading.Event] = None, seed: Optional[int] = None):
         """Answer the last user message. Returns (text, ChatStats).
 
         Args:
@@ -454,108 +691,157 @@ class ChatEngine:
                 own budget, else the model's default. The stats report the budget and the kept count.
             cancel: set it (from any thread) to stop: generation ends at the next token, or never starts
                 if the request is still waiting for the model; finish_reason is then "cancelled".
+            seed: makes a sampled answer reproducible (its own generator, whatever else is in the batch).
+        Raises EngineBusy when the line is full.
         """
         t0 = time.perf_counter()
-        tokens, n_prompt, kwargs, ids = self._prepare(messages, image, temperature, top_p, max_new_tokens, budget)
-        new_ids = self._generate(ids, kwargs, cancel)
-        cancelled = cancel is not None and cancel.is_set()
-        if cancelled:
-            self._log_cancel(new_ids, kwargs["max_new_tokens"])
-        return self._decode(new_ids), self._stats(tokens, n_prompt, new_ids, kwargs["max_new_tokens"], t0, cancelled)
+        tokens, n_prompt, req = self._prepare(messages, image, temperature, top_p, max_new_tokens, budget, seed)
+        if cancel is not None:
+            req.cancel = cancel
+        self._submit(req)
+        new_ids = self._wait(req)
+        cancelled = req.cancel.is_set() and not req.stop_hit
+        return self._decode(new_ids), self._stats(tokens, n_prompt, new_ids, req.max_new_tokens, t0, cancelled)
 
     def stream(self, messages: Sequence[dict], image: "Image.Image | ImageTokens | None" = None,
                temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 128,
-               budget: BudgetLike = None) -> "ChatStream":
+               budget: BudgetLike = None, seed: Optional[int] = None) -> "ChatStream":
         """Like `chat`, but returns a ChatStream: iterate it for text pieces, then read `.stats`.
 
-        Input errors (a bad budget included) raise here, before any generation starts.
+        Input errors (a bad budget included) and EngineBusy raise here, before any generation starts.
         """
         t0 = time.perf_counter()
-        tokens, n_prompt, kwargs, ids = self._prepare(messages, image, temperature, top_p, max_new_tokens, budget)
-        return ChatStream(self, ids, kwargs, lambda new_ids, cancelled: self._stats(
-            tokens, n_prompt, new_ids, kwargs["max_new_tokens"], t0, cancelled))
+        tokens, n_prompt, req = self._prepare(messages, image, temperature, top_p, max_new_tokens, budget, seed,
+                                              streaming=True)
+        self._submit(req)
+        return ChatStream(self, req, lambda new_ids, cancelled: self._stats(
+            tokens, n_prompt, new_ids, req.max_new_tokens, t0, cancelled))
 
 
-class _CancelCriteria(StoppingCriteria):
-    """Ends generation at the next token once an event is set."""
+@dataclass(eq=False)
+class _Request:
+    """One answer in the making: what the worker needs, and what it writes back."""
+    ids: torch.Tensor  # [T] prompt ids with the image sentinel
+    features: Optional[torch.Tensor]  # the tower's output for the sentinel, or None
+    max_new_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float
+    generator: Optional[torch.Generator]
+    cancel: threading.Event
+    pieces: Optional[queue.SimpleQueue] = None  # streamed text pieces, then None
+    new_ids: List[int] = field(default_factory=list)
+    sent: str = ""  # text streamed so far
+    stop_hit: bool = False  # the template's stop string ended the answer: a normal stop
+    error: Optional[BaseException] = None
+    done: threading.Event = field(default_factory=threading.Event)
 
-    def __init__(self, event: threading.Event):
-        self.event = event
 
-    def __call__(self, input_ids, scores, **kw):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+@dataclass(eq=False)
+class _EncodeJob:
+    """One image for the tower; the worker fills in `features` (or `error`) and sets `done`."""
+    pixels: torch.Tensor  # [1, 3, H, W]
+    budget: Optional[Budget]
+    features: Optional[torch.Tensor] = None
+    error: Optional[BaseException] = None
+    done: threading.Event = field(default_factory=threading.Event)
+    since: float = field(default_factory=time.perf_counter)
+
+
+def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - (dim % x.dim())) + [n, 0]
+    return F.pad(x, pad)
+
+
+class _Batch:
+    """Rows decoding together: the KV cache, the left-padded attention mask, each row's next position
+    and last token. Rows are dropped when they finish; new rows are merged in between steps."""
+
+    def __init__(self, reqs, cache, mask, pos, last):
+        self.reqs, self.cache, self.mask, self.pos, self.last = list(reqs), cache, mask, pos, last
+
+    @property
+    def mergeable(self) -> bool:
+        """Plain growing caches can be padded and joined; others (sliding windows) run to the end first."""
+        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def select(self, keep: List[int]) -> Optional["_Batch"]:
+        if not keep:
+            return None
+        if len(keep) < len(self.reqs):
+            idx = torch.tensor(keep, device=self.mask.device)
+            self.cache.batch_select_indices(idx)
+            self.reqs = [self.reqs[i] for i in keep]
+            self.mask, self.pos, self.last = self.mask[idx], self.pos[idx], self.last[idx]
+            lead = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # columns no row reads any more
+            if lead and self.mergeable:
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+                self.mask = self.mask[:, lead:]
+        return self
+
+    def merge(self, other: "_Batch") -> "_Batch":
+        mine, theirs = self.mask.shape[1], other.mask.shape[1]
+        n = max(mine, theirs)
+        for a, b in zip(self.cache.layers, other.cache.layers):
+            a.keys = torch.cat([_left_pad(a.keys, n - mine, 2), _left_pad(b.keys, n - theirs, 2)])
+            a.values = torch.cat([_left_pad(a.values, n - mine, 2), _left_pad(b.values, n - theirs, 2)])
+        self.mask = torch.cat([_left_pad(self.mask, n - mine, 1), _left_pad(other.mask, n - theirs, 1)])
+        self.reqs += other.reqs
+        self.pos, self.last = torch.cat([self.pos, other.pos]), torch.cat([self.last, other.last])
+        return self
 
 
 class ChatStream:
-    """Text pieces of one answer as generate produces them (generate runs in a worker thread).
+    """Text pieces of one answer as the worker produces them.
 
     `close()` (or leaving a `with` block) stops generation early, e.g. when an HTTP client goes away.
     """
 
-    def __init__(self, engine: ChatEngine, ids: torch.Tensor, kwargs: dict, make_stats):
-        from transformers import TextIteratorStreamer
-        self._cancel = threading.Event()
-        self._stop_hit = False  # the template's stop string ended the answer: a normal stop, not a cancel
-        # generate gets inputs_embeds, so its first put() is an empty prompt: skip_prompt drops it
-        self._streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self._engine, self._make_stats = engine, make_stats
-        self._error: Optional[BaseException] = None
-        self._new_ids: Optional[torch.Tensor] = None
+    def __init__(self, engine: ChatEngine, req: _Request, make_stats):
+        self._engine, self._req, self._make_stats = engine, req, make_stats
         self.text = ""
         self.stats: Optional[ChatStats] = None
-        kwargs = dict(kwargs, streamer=self._streamer)
-        self._thread = threading.Thread(target=self._run, args=(ids, kwargs), daemon=True)
-        self._thread.start()
-
-    def _run(self, ids, kwargs):
-        try:
-            self._new_ids = self._engine._generate(ids, kwargs, self._cancel)
-            if not self._new_ids.numel():  # cancelled before generate started: nothing will end the streamer
-                self._streamer.end()
-            if self._cancel.is_set() and not self._stop_hit:  # here: the consumer may never read the stats
-                self._engine._log_cancel(self._new_ids, kwargs["max_new_tokens"])
-        except BaseException as e:  # handed to the consumer thread, which re-raises it
-            self._error = e
-            self._streamer.end()
 
     def __iter__(self) -> Iterator[str]:
-        stop = get_conv_template(self._engine.conv_template).stop_str.strip()
+        req = self._req
         drained = False
         try:
-            for piece in self._streamer:
-                if not piece:
+            while True:
+                try:
+                    piece = req.pieces.get(timeout=_LOCK_POLL_S)
+                except queue.Empty:
+                    if req.cancel.is_set():
+                        self._engine._withdraw(req)  # closed while still waiting: leave the line
                     continue
-                if stop and stop in self.text + piece:  # a template whose stop string is plain text
-                    piece = (self.text + piece)[:(self.text + piece).index(stop)][len(self.text):]
-                    self._stop_hit = True
-                    if piece:
-                        self.text += piece
-                        yield piece
+                if piece is None:
                     break
                 self.text += piece
                 yield piece
             drained = True
         finally:
-            if not drained:  # the consumer dropped the iterator (or a stop string hit): stop generating
+            if not drained:  # the consumer dropped the iterator: stop generating
                 self.close()
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        new_ids = self._new_ids if self._new_ids is not None else torch.zeros(0, dtype=torch.long)
-        self.stats = self._make_stats(new_ids, self._cancel.is_set() and not self._stop_hit)
-        self.text = self._engine._decode(new_ids) if not self._cancel.is_set() else self.text.strip()
+        new_ids = self._engine._wait(req)
+        cancelled = req.cancel.is_set() and not req.stop_hit
+        self.stats = self._make_stats(new_ids, cancelled)
+        self.text = self._engine._decode(new_ids) if not cancelled else self.text.strip()
 
     def close(self):
         """Stop generating (at the next token; at once if still waiting for the model). Idempotent."""
-        self._cancel.set()
+        self._req.cancel.set()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
-        self._thread.join()
+        try:
+            self._engine._wait(self._req)
+        except Exception:  # the error belongs to whoever iterates; leaving the block only stops it
+            pass
 
 
-__all__ = ["Cancelled", "ChatEngine", "ChatStats", "ChatStream", "ImageTokens", "MessageError", "budget_text",
+__all__ = ["ChatEngine", "ChatStats", "ChatStream", "EngineBusy", "ImageTokens", "MessageError", "budget_text",
            "visual_token_summary", "validate_messages"]

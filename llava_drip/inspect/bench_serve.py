@@ -1,0 +1,157 @@
+"""`llava-drip bench serve`: the chat engine's throughput and latency under concurrent requests.
+
+The workload is held-out synthetic scenes with stage 2's open questions (colour, shape, count, position;
+`builtin_model.heldout_questions`), answered greedily. At each concurrency c, c client threads send the
+requests through one ChatEngine (each thread sends its next request when its last one is answered);
+c=1 is the same engine run serially, the baseline of the speedup. Levels are run interleaved, round
+after round, in a shuffled order per round; the table gives the median over rounds and the spread
+(max/min - 1) of the wall time. Every answer is compared with the c=1 answer to the same request.
+"""
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+
+from llava_drip.serve.builtin import DEFAULT_MAX_BATCH_SIZE
+
+
+def _percentile(values, q: float) -> float:
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def run_level(engine, requests, concurrency: int, max_new_tokens: int):
+    """Answer every request with `concurrency` client threads. (wall_s, latencies_s, answers, tokens)."""
+    answers, latencies, tokens = [None] * len(requests), [0.0] * len(requests), [0] * len(requests)
+    todo = iter(range(len(requests)))
+    lock = threading.Lock()
+    errors = []
+
+    def client():
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            image, question = requests[i]
+            t = time.perf_counter()
+            try:
+                text, stats = engine.chat([{"role": "user", "content": question}], image, temperature=0,
+                                          max_new_tokens=max_new_tokens)
+            except Exception as e:  # noqa: BLE001  (reported after the level)
+                errors.append(f"request {i}: {e}")
+                return
+            latencies[i], answers[i], tokens[i] = time.perf_counter() - t, text, stats.generated_tokens
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed at concurrency {concurrency}: {errors[0]}")
+    return wall, latencies, answers, tokens
+
+
+def run_bench(engine, n_requests: int, levels=(1, 8, 32), rounds: int = 3, max_new_tokens: int = 32,
+              seed: int = 0) -> dict:
+    from llava_drip.train.builtin_model import heldout_questions
+    per_kind = -(-n_requests // 4)
+    items = heldout_questions(per_kind)[:n_requests]
+    requests = [(image, question) for _, _, image, question, _ in items]
+    if 1 not in levels:
+        levels = (1, *levels)
+    run_level(engine, requests[:4], 4, max_new_tokens)  # warm-up: first-call costs (the shared prefix) out
+    order = random.Random(seed)
+    walls = {c: [] for c in levels}
+    lat = {c: [] for c in levels}
+    answers = {c: [] for c in levels}
+    gen_tokens = None
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    for _ in range(rounds):
+        shuffled = list(levels)
+        order.shuffle(shuffled)
+        for c in shuffled:
+            wall, latencies, got, tokens = run_level(engine, requests, c, max_new_tokens)
+            walls[c].append(wall)
+            lat[c].extend(latencies)
+            answers[c].append(got)
+            if c == 1:
+                gen_tokens = tokens
+    serial = answers[1][0]
+    rows = []
+    base = statistics.median(walls[1])
+    for c in levels:
+        wall = statistics.median(walls[c])
+        differ = sum(a != s for got in answers[c] for a, s in zip(got, serial))
+        rows.append({"concurrency": c, "requests": len(requests), "rounds": rounds,
+                     "wall_s": wall, "wall_s_rounds": walls[c],
+                     "spread": max(walls[c]) / min(walls[c]) - 1,
+                     "requests_per_s": len(requests) / wall,
+                     "p50_latency_s": _percentile(lat[c], 0.5), "p95_latency_s": _percentile(lat[c], 0.95),
+                     "fraction_of_serial_time": wall / base, "speedup": base / wall,
+                     "answers_differing_from_serial": differ})
+    return {"rows": rows, "model": engine.model_path, "max_batch_size": engine.max_batch_size,
+            "largest_batch": engine.max_rows_seen,
+            "max_new_tokens": max_new_tokens, "mean_generated_tokens": statistics.mean(gen_tokens),
+            "cpu_count": os.cpu_count(), "device": str(engine.device),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+def markdown_table(result: dict) -> str:
+    lines = ["| concurrency | requests/s | p50 latency s | p95 latency s | wall s (median) | spread | "
+             "time / serial | answers unlike serial |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['concurrency']} | {r['requests_per_s']:.1f} | {r['p50_latency_s']:.3f} | "
+                     f"{r['p95_latency_s']:.3f} | {r['wall_s']:.2f} | {100 * r['spread']:.0f} % | "
+                     f"{r['fraction_of_serial_time']:.2f} | {r['answers_differing_from_serial']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="llava-drip bench serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", default=None, help="a LLaVA-DRIP folder (default: the built-in model)")
+    p.add_argument("--model-base", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--requests", type=int, default=64, help="requests per level and round")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (1 is always run)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table gives medians")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="the engine's batch bound")
+    p.add_argument("--out", help="write the result as JSON here")
+    args = p.parse_args(argv)
+    try:
+        levels = tuple(int(c) for c in args.concurrency.split(","))
+    except ValueError:
+        p.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
+    if min(levels) < 1 or args.requests < 1 or args.rounds < 1:
+        p.error("--concurrency, --requests and --rounds must be >= 1")
+    from llava_drip.serve.builtin import resolve_model_path
+    from llava_drip.serve.engine import ChatEngine
+    engine = ChatEngine(resolve_model_path(args.model_path), model_base=args.model_base, device=args.device,
+                        max_batch_size=args.max_batch_size)
+    result = run_bench(engine, args.requests, levels, args.rounds, args.max_new_tokens)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"serving, {engine.model_path} on {args.device}, {args.requests} greedy requests per level, "
+          f"{args.rounds} rounds, engine max batch {args.max_batch_size}, "
+          f"mean answer {result['mean_generated_tokens']:.1f} tokens")
+    print(markdown_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
