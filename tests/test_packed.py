@@ -113,3 +113,49 @@ def test_pack_groups_equals_group_mean_pool_with_straight_through_values(cover_t
         counts = torch.stack([(torch.cumsum(b.detach(), 1) - b.detach()).round().long()[i].bincount(minlength=pad.groups.shape[1])
                               for i in range(5)]).float()
         torch.testing.assert_close((pad.groups * counts.unsqueeze(-1)).sum(1), h.sum(1), atol=1e-4, rtol=1e-5)
+
+
+def test_auto_is_the_default_and_picks_the_layout_per_call(monkeypatch):
+    """'auto' packs batches of 2+ images and runs a single image padded (no mask, never slower)."""
+    m = create_model("DRIP-4x-tiny").eval()
+    assert m.visual.attn_impl == "auto"
+    assert (m.visual.packed_for(1), m.visual.packed_for(2)) == (False, True)
+    m.visual.attn_impl = "packed"
+    assert m.visual.packed_for(1)
+    from llava_drip.drip import tower as tower_module
+    calls = []
+    plain = tower_module.pack_groups
+    monkeypatch.setattr(tower_module, "pack_groups", lambda *a, **k: calls.append(a[1].shape[0]) or plain(*a, **k))
+    m.visual.attn_impl = "auto"
+    x = _images(3)
+    with torch.no_grad():
+        m.visual.encode_tokens(x[:1])
+        m.visual.encode_tokens(x)
+    assert calls == [3]
+
+
+def test_parity_mode_without_any_boundary_returns_the_head_of_cls():
+    """cover_tail=False with no boundary in the whole batch: S = 0 groups; CLS still carries the image
+    (the reference's head(CLS)), never an all-zero embedding."""
+    torch.manual_seed(0)
+    ref = create_model("DRIP-4x-tiny", pad_mask=False, reference_mean=True, cover_tail=False).eval()
+    v = ref.visual
+    v.boundary_override = torch.zeros(v.num_patches)
+    x = _images(2)
+    with torch.no_grad():
+        feats = v.forward_features(x)
+        emb = v(x)
+        cls = v.ln_post(v._run_blocks(v.post_blocks, v.ln_post(v.forward_pre(x)[:, :1]) if v.ln_short is None
+                                      else v.ln_short(v.forward_pre(x)[:, :1])))
+    assert feats.valid.shape == (2, 1) and feats.valid.all()
+    torch.testing.assert_close(emb, cls[:, 0] @ v.proj)
+    assert emb.abs().sum(dim=1).min() > 0
+    masked = create_model("DRIP-4x-tiny", cover_tail=False).eval()  # the masked semantics, both layouts
+    masked.visual.boundary_override = torch.zeros(masked.visual.num_patches)
+    out = {}
+    for impl in ("padded", "packed"):
+        masked.visual.attn_impl = impl
+        with torch.no_grad():
+            out[impl] = masked.visual(x)
+    torch.testing.assert_close(out["padded"], out["packed"], atol=1e-5, rtol=1e-5)
+    assert out["padded"].abs().sum(dim=1).min() > 0

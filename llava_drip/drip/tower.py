@@ -11,7 +11,8 @@ attn_impl='packed' runs the same post-pooling stack on every image's rows stacke
 [sum_b (1+G_b), D] tensor: token-wise layers see no padding, and only the attention core is laid
 out as [B, 1+S] with a key mask (its cost is ~1 % of a block at these lengths). Outputs match the
 padded path; it needs the masked semantics (pad_mask on, reference_mean off), since the reference
-lets pad rows take part in attention and the mean.
+lets pad rows take part in attention and the mean. The default, 'auto', runs packed whenever those
+semantics hold and the batch has 2+ images, padded otherwise (reference parity, a single image).
 
 Parameter names follow open_clip's VisionTransformer (conv1, class_embedding, positional_embedding,
 ln_pre, resblock ln_1/attn/ln_2/mlp.c_fc/mlp.c_proj, ln_post, proj) so ViT weights map one to one.
@@ -140,7 +141,7 @@ class DRIPVisionTransformer(nn.Module):
         reference_mean: bool = False,
         cover_tail: bool = True,
         shared_norm: bool = False,
-        attn_impl: str = "padded",
+        attn_impl: str = "auto",
         ln_pre: bool = True,
         proj_bias: bool = False,
         act_layer=nn.GELU,
@@ -298,6 +299,12 @@ class DRIPVisionTransformer(nn.Module):
             raise ValueError("attn_impl='packed' needs pad_mask=True and reference_mean=False")
         return self.attn_impl == "packed" or (self.attn_impl == "auto" and masked)
 
+    def packed_for(self, batch: int) -> bool:
+        """Whether a forward on `batch` images runs packed: 'packed' always; 'auto' when the semantics
+        allow and there are 2+ images (a single image has no padding to skip, and the padded path
+        runs it unmasked, which is never slower)."""
+        return self.uses_packed and (self.attn_impl == "packed" or batch > 1)
+
     def pool_groups(self, x: torch.Tensor, b: torch.Tensor):
         """Pre-block output [B, 1+N, D] + boundaries -> post-block input and its layout.
 
@@ -305,12 +312,13 @@ class DRIPVisionTransformer(nn.Module):
         so benchmarks can time the pooling step on its own.
         """
         cls, h = x[:, :1], x[:, 1:]
-        if self.uses_packed:
+        if self.packed_for(x.shape[0]):
             layout = pack_groups(cls[:, 0], h, b, cover_tail=self.cover_tail)
             return layout.tokens, layout
         pooled = group_mean_pool(h, b, cover_tail=self.cover_tail)
         x = torch.cat([cls, pooled.groups], dim=1)
-        valid = torch.cat([torch.ones_like(pooled.valid[:, :1]), pooled.valid], dim=1)
+        # CLS is always valid (new_ones, not ones_like(valid[:, :1]): with no group at all, valid is [B, 0])
+        valid = torch.cat([pooled.valid.new_ones(pooled.valid.shape[0], 1), pooled.valid], dim=1)
         return x, valid
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
