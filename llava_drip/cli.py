@@ -25,6 +25,7 @@ COMMANDS = {
     "bench encoder": ("llava_drip.inspect.bench_encoder:main", "encoder images/s, latency, memory"),
     "bench prefill": ("llava_drip.inspect.bench_prefill:main", "LLM prefill time vs visual tokens"),
     "bench serve": ("llava_drip.inspect.bench_serve:main", "chat engine requests/s and latency vs concurrency"),
+    "bench train-step": ("llava_drip.inspect.bench_train:main", "one contrastive training step: time and peak memory"),
     "demo": ("llava_drip.serve.demo:main", "Gradio chat demo on the built-in tiny model"),
     "chat": ("llava_drip.serve.cli:main", "chat in the terminal"),
     "serve-api": ("llava_drip.serve.api:main", "OpenAI-compatible HTTP API"),

@@ -1,5 +1,7 @@
 """The benchmarks' outputs (structure and token/FLOP bookkeeping), never their timings."""
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +52,55 @@ def test_bench_prefill_counts_visual_tokens():
         assert r["seq_ratio"] == pytest.approx(72 / r["seq_len"])
         assert r["prefill_ms"] > 0 and r["peak_mem_mb"] > 0
     assert "| DRIP-4x-tiny | 16.0 |" in bench_prefill.format_table(rows)
+
+
+def test_bench_prefill_interleaved_rounds_and_visual_token_counts(tmp_path, capsys):
+    """--visual-tokens feeds N random visual tokens to the same LLM (no tower); every row has its rounds."""
+    out = tmp_path / "prefill.json"
+    assert bench_prefill.main(["--llm", "tiny", "--visual-tokens", "64,16", "--batch-size", "2", "--text-tokens", "8",
+                               "--iters", "1", "--rounds", "2", "--device", "cpu", "--no-isolate",
+                               "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["tower"] for r in rows] == ["64 visual tokens", "16 visual tokens"]
+    assert [r["visual_tokens"] for r in rows] == [64, 16] and [r["seq_len"] for r in rows] == [72, 24]
+    for r in rows:
+        assert len(r["prefill_ms_rounds"]) == 2 and r["prefill_spread"] >= 0 and r["tower_ms"] is None
+    assert "| 16 visual tokens | 16.0 | 24 | - |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_prefill.main(["--visual-tokens", "64,x"])
+
+
+def test_bench_train_step_times_and_measures_each_model(tmp_path, capsys):
+    from llava_drip.inspect import bench_train
+    out = tmp_path / "train.json"
+    assert bench_train.main(["--models", "ViT-tiny,DRIP-4x-tiny", "--batch-size", "4", "--iters", "1", "--rounds", "2",
+                             "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["model"] for r in result["rows"]] == ["ViT-tiny", "DRIP-4x-tiny"]
+    for r in result["rows"]:
+        assert r["step_ms"] > 0 and len(r["step_ms_rounds"]) == 2 and r["peak_mem_mb"] > 0
+    assert result["rows"][0]["time_vs_first"] == 1.0 and result["memory_kind"] == "process peak RSS"
+    assert "| DRIP-4x-tiny | 4 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_train.main(["--models", "DRIP-3x-nope"])
+
+
+def test_bench_gpu_script_dry_run(tmp_path):
+    """scripts/bench_gpu.sh --dry-run: the GPU run's three commands on CPU at tiny shapes, JSON for each."""
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PY=sys.executable)
+    proc = subprocess.run(["bash", str(repo / "scripts" / "bench_gpu.sh"), "--dry-run", "--out", str(tmp_path)],
+                          cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    encoder = json.loads((tmp_path / "bench_encoder_dryrun.json").read_text())
+    assert {r["model"] for r in encoder["rows"]} >= {"ViT-tiny", "DRIP-4x-tiny"}
+    train = json.loads((tmp_path / "bench_train_step_dryrun.json").read_text())
+    assert [r["model"] for r in train["rows"]] == ["ViT-tiny", "DRIP-4x-tiny"]
+    prefill = json.loads((tmp_path / "bench_prefill_dryrun.json").read_text())
+    assert [r["visual_tokens"] for r in prefill] == [64, 16]
+    assert "bench_gpu.sh: wrote" in proc.stdout
+    bad = subprocess.run(["bash", str(repo / "scripts" / "bench_gpu.sh"), "--nope"], cwd=repo, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert bad.returncode == 2 and "unknown argument --nope" in bad.stdout

@@ -1,14 +1,19 @@
 """`llava-drip bench prefill`: LLM prefill time, peak memory and visual tokens per vision tower.
 
-Each tower is attached to the same randomly initialised Llama (a small one on CPU, a 7B-shaped one on
-CUDA) through the real LLaVA model class; a prefill is one forward over [prompt + visual tokens] with the
-KV cache on, as the first step of generate. DRIP towers use 'topk' boundaries, i.e. exactly the target
-rate. Each configuration runs in its own process so the CPU peak RSS belongs to it alone.
+One randomly initialised Llama (a small one on CPU, a 7B-shaped one on CUDA) is built once, with the
+real LLaVA model class; each tower (with its own projector) is swapped in front of the same LLM
+weights, or `--visual-tokens N` feeds N random visual tokens without a tower (576: LLaVA-1.5's
+ViT-L/14-336 grid). A prefill is one forward over [BOS + visual + text] with the KV cache on, as the
+first step of generate. DRIP towers use 'topk' boundaries, i.e. exactly the target rate. All
+configurations are timed in interleaved rounds (a shuffled order per round); the table gives the
+median and the spread (max/min - 1 over the rounds' medians). Peak memory comes from a fresh process
+per configuration (CUDA max_memory_allocated, or the process's peak RSS on CPU).
 """
 import argparse
 import json
 import multiprocessing as mp
 import os
+import random
 import resource
 import statistics
 import sys
@@ -28,81 +33,138 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _measure(tower: str, llm: str, batch: int, text_tokens: int, iters: int, device: str, seed: int) -> dict:
-    import torch
-    from llava_drip.constants import IMAGE_TOKEN_INDEX
-    from llava_drip.model import LlavaConfig, LlavaLlamaForCausalLM
-    from llava_drip.model.multimodal_encoder.builder import resolve_tower_type
+class _Bench:
+    """The LLM (one set of weights) and, per configuration, its tower, projector and prefill inputs."""
 
-    torch.manual_seed(seed)
-    torch.set_num_threads(os.cpu_count() or 1)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    kind = resolve_tower_type(tower)
-    cfg = LlavaConfig(**LLM_SHAPES[llm], max_position_embeddings=4096, mm_vision_tower=tower,
-                      mm_vision_tower_type=kind, mm_vision_select_layer=-1 if kind == "drip" else -2,
-                      mm_drip_eval_mode="topk", mm_projector_type="mlp2x_gelu")
-    from llava_drip.model.multimodal_encoder.builder import build_vision_tower
-    cfg.mm_hidden_size = build_vision_tower(cfg, load_weights=False).hidden_size
-    model = LlavaLlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
-    vt = model.get_vision_tower()
-    size = vt.image_processor.crop_size["height"]
-    images = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    ids = torch.randint(3, cfg.vocab_size, (batch, text_tokens + 1), device=device)
-    ids[:, 1] = IMAGE_TOKEN_INDEX  # BOS, image, then the question
-    mask = torch.ones_like(ids)
+    def __init__(self, llm: str, batch: int, text_tokens: int, device: str, seed: int):
+        import torch
 
-    def sync():
-        if device == "cuda":
+        from llava_drip.model import LlavaConfig, LlavaLlamaForCausalLM
+        torch.manual_seed(seed)
+        self.device, self.batch, self.llm = device, batch, llm
+        self.dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.cfg = LlavaConfig(**LLM_SHAPES[llm], max_position_embeddings=4096)
+        self.model = LlavaLlamaForCausalLM(self.cfg).to(device=device, dtype=self.dtype).eval()
+        self.text_tokens = text_tokens
+        self.configs = {}
+
+    def add(self, name: str, seed: int = 0):
+        """A tower name ('DRIP-4x-16') or a visual-token count ('576')."""
+        import torch
+
+        from llava_drip.constants import IMAGE_TOKEN_INDEX
+        B, model = self.batch, self.model
+        ids = torch.randint(3, self.cfg.vocab_size, (B, self.text_tokens + 1),
+                            generator=torch.Generator().manual_seed(seed)).to(self.device)
+        ids[:, 1] = IMAGE_TOKEN_INDEX  # BOS, image, then the question
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            if name.isdigit():
+                feats = [torch.randn(int(name), self.cfg.hidden_size, device=self.device, dtype=self.dtype)] * B
+                tower, images = None, None
+            else:
+                from llava_drip.model.multimodal_encoder.builder import build_vision_tower, resolve_tower_type
+                from llava_drip.model.multimodal_projector.builder import build_vision_projector
+                kind = resolve_tower_type(name)
+                cfg = type(self.cfg)(**LLM_SHAPES[self.llm], mm_vision_tower=name, mm_vision_tower_type=kind,
+                                     mm_vision_select_layer=-1 if kind == "drip" else -2,
+                                     mm_drip_eval_mode="topk", mm_projector_type="mlp2x_gelu")
+                tower = build_vision_tower(cfg, load_weights=False).to(device=self.device, dtype=self.dtype).eval()
+                cfg.mm_hidden_size = tower.hidden_size
+                proj = build_vision_projector(cfg).to(device=self.device, dtype=self.dtype)
+                size = tower.image_processor.crop_size["height"]
+                images = torch.randn(B, 3, size, size, device=self.device, dtype=self.dtype)
+                model.get_model().vision_tower, model.get_model().mm_projector = tower, proj
+                feats = model.encode_images(images)
+            embeds, emask, _, _ = model.prepare_inputs_labels_for_multimodal(ids, mask, None, None, padding_side="left",
+                                                                             image_features=feats)
+        self.configs[name] = dict(tower=tower, images=images, embeds=embeds, mask=emask,
+                                  visual=statistics.mean(f.shape[0] for f in feats))
+
+    def sync(self):
+        import torch
+        if self.device == "cuda":
             torch.cuda.synchronize()
 
-    with torch.no_grad():
-        feats = vt(images)
-        visual = [f.shape[0] for f in feats]
-        embeds, emask, _, _ = model.prepare_inputs_labels_for_multimodal(ids, mask, None, images, padding_side="left")
-        tower_t, prefill_t = [], []
-        base_rss = _rss_mb()
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        for i in range(iters + 1):  # first iteration warms up
-            sync(); t0 = time.perf_counter()
-            vt(images)
-            sync(); t1 = time.perf_counter()
-            model(inputs_embeds=embeds, attention_mask=emask, use_cache=True, logits_to_keep=1)
-            sync(); t2 = time.perf_counter()
-            if i:
-                tower_t.append(t1 - t0)
-                prefill_t.append(t2 - t1)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_mb()
-    return {"tower": tower, "llm": llm, "device": device, "batch": batch, "text_tokens": text_tokens,
-            "visual_tokens": statistics.mean(visual), "seq_len": int(embeds.shape[1]),
-            "tower_ms": 1e3 * statistics.median(tower_t), "prefill_ms": 1e3 * statistics.median(prefill_t),
-            "peak_mem_mb": peak, "mem_before_prefill_mb": None if device == "cuda" else base_rss,
-            "memory_kind": "cuda max_memory_allocated" if device == "cuda" else "process peak RSS"}
+    def time_once(self, name: str):
+        """(tower s or None, prefill s) of one pass."""
+        import torch
+        c = self.configs[name]
+        with torch.no_grad():
+            self.sync()
+            t0 = time.perf_counter()
+            if c["tower"] is not None:
+                c["tower"](c["images"])
+            self.sync()
+            t1 = time.perf_counter()
+            self.model(inputs_embeds=c["embeds"], attention_mask=c["mask"], use_cache=True, logits_to_keep=1)
+            self.sync()
+            t2 = time.perf_counter()
+        return (t1 - t0) if c["tower"] is not None else None, t2 - t1
 
 
-def _worker(q, kwargs):
+def _memory_worker(q, kwargs):
     try:
-        q.put(_measure(**kwargs))
-    except Exception as e:  # report, the parent prints which tower failed
-        q.put({"tower": kwargs["tower"], "error": f"{type(e).__name__}: {e}"})
+        import torch
+        bench = _Bench(kwargs["llm"], kwargs["batch"], kwargs["text_tokens"], kwargs["device"], kwargs["seed"])
+        if kwargs["device"] == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        bench.add(kwargs["name"], kwargs["seed"])
+        bench.time_once(kwargs["name"])
+        peak = torch.cuda.max_memory_allocated() / 2**20 if kwargs["device"] == "cuda" else _rss_mb()
+        q.put({"peak_mem_mb": peak})
+    except Exception as e:  # noqa: BLE001  (the parent names the configuration)
+        q.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def run(towers, llm, batch, text_tokens, iters, device, seed=0, isolate=True):
+def peak_memory(name: str, llm: str, batch: int, text_tokens: int, device: str, seed: int) -> float:
+    """Peak memory of one configuration's tower + prefill, alone in a fresh process."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_memory_worker, args=(q, dict(name=name, llm=llm, batch=batch, text_tokens=text_tokens,
+                                                          device=device, seed=seed)))
+    p.start()
+    got = q.get()
+    p.join()
+    if "error" in got:
+        raise RuntimeError(f"memory run of {name} failed: {got['error']}")
+    return got["peak_mem_mb"]
+
+
+def run(towers, llm, batch, text_tokens, iters, device, seed=0, isolate=True, rounds=3):
+    """Rows per configuration (a tower name, or a visual-token count as a string); the first is the
+    baseline. isolate: peak memory from a fresh process per configuration (else this process's peak)."""
+    bench = _Bench(llm, batch, text_tokens, device, seed)
+    for name in towers:
+        bench.add(name, seed)
+        bench.time_once(name)  # warm-up
+    tower_t = {n: [] for n in towers}
+    prefill_t = {n: [] for n in towers}
+    order = random.Random(seed)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    for _ in range(rounds):
+        shuffled = list(towers)
+        order.shuffle(shuffled)
+        for name in shuffled:
+            runs = [bench.time_once(name) for _ in range(iters)]
+            if runs[0][0] is not None:
+                tower_t[name].append(statistics.median(r[0] for r in runs))
+            prefill_t[name].append(statistics.median(r[1] for r in runs))
     rows = []
-    for tower in towers:
-        kw = dict(tower=tower, llm=llm, batch=batch, text_tokens=text_tokens, iters=iters, device=device, seed=seed)
-        if isolate:
-            ctx = mp.get_context("spawn")
-            q = ctx.Queue()
-            p = ctx.Process(target=_worker, args=(q, kw))
-            p.start()
-            row = q.get()
-            p.join()
-        else:
-            row = _measure(**kw)
-        if "error" in row:
-            raise RuntimeError(f"benchmark of {tower} failed: {row['error']}")
-        rows.append(row)
+    for name in towers:
+        c = bench.configs[name]
+        rows.append({"tower": name if not name.isdigit() else f"{name} visual tokens", "llm": llm, "device": device,
+                     "batch": batch, "text_tokens": text_tokens, "visual_tokens": c["visual"],
+                     "seq_len": int(c["embeds"].shape[1]),
+                     "tower_ms": 1e3 * statistics.median(tower_t[name]) if tower_t[name] else None,
+                     "prefill_ms": 1e3 * statistics.median(prefill_t[name]),
+                     "prefill_ms_rounds": [1e3 * t for t in prefill_t[name]],
+                     "prefill_spread": max(prefill_t[name]) / min(prefill_t[name]) - 1,
+                     "rounds": rounds, "iters": iters, "loadavg_before": load_before,
+                     "memory_kind": "cuda max_memory_allocated" if device == "cuda" else "process peak RSS"})
+    del bench
+    for row, name in zip(rows, towers):
+        row["peak_mem_mb"] = peak_memory(name, llm, batch, text_tokens, device, seed) if isolate else _rss_mb()
     base = rows[0]
     for r in rows:
         r["token_ratio"] = base["visual_tokens"] / r["visual_tokens"]
@@ -115,12 +177,14 @@ def run(towers, llm, batch, text_tokens, iters, device, seed=0, isolate=True):
 
 
 def format_table(rows) -> str:
-    head = ("| tower | visual tokens | seq len | tower ms | prefill ms | visual-token ratio | seq ratio | "
-            "prefill speedup | speedup / token ratio | speedup / seq ratio | peak MB |")
-    lines = [head, "|" + "---|" * 11]
+    head = ("| tower | visual tokens | seq len | tower ms | prefill ms (median) | spread | visual-token ratio | "
+            "seq ratio | prefill speedup | speedup / token ratio | speedup / seq ratio | peak MB |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
-        lines.append(f"| {r['tower']} | {r['visual_tokens']:.1f} | {r['seq_len']} | {r['tower_ms']:.1f} | "
-                     f"{r['prefill_ms']:.1f} | {r['token_ratio']:.2f}x | {r['seq_ratio']:.2f}x | "
+        tower = "-" if r["tower_ms"] is None else f"{r['tower_ms']:.1f}"
+        lines.append(f"| {r['tower']} | {r['visual_tokens']:.1f} | {r['seq_len']} | {tower} | "
+                     f"{r['prefill_ms']:.1f} | {100 * r['prefill_spread']:.0f} % | {r['token_ratio']:.2f}x | "
+                     f"{r['seq_ratio']:.2f}x | "
                      f"{r['prefill_speedup']:.2f}x | {r['speedup_over_token_ratio']:.2f} | "
                      f"{r['speedup_over_seq_ratio']:.2f} | {r['peak_mem_mb']:.0f} |")
     return "\n".join(lines)
@@ -131,26 +195,38 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--towers", default="ViT-B-16,DRIP-2x-16,DRIP-4x-16,DRIP-10x-16",
                    help="comma-separated; the first is the baseline")
+    p.add_argument("--visual-tokens", default=None,
+                   help="comma-separated visual-token counts fed without a tower, instead of --towers "
+                        "(e.g. 576,288,144,58: LLaVA-1.5's grid and DRIP's 2x/4x/10x of it)")
     p.add_argument("--llm", choices=sorted(LLM_SHAPES), default=None, help="default: small on CPU, 7b on CUDA")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--text-tokens", type=int, default=32, help="prompt tokens besides the image")
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=3, help="passes per configuration and round (median)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--no-isolate", action="store_true", help="peak memory of this process, not a fresh one each")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", help="also write the rows as JSON here")
     args = p.parse_args(argv)
+    configs = args.visual_tokens.split(",") if args.visual_tokens else args.towers.split(",")
+    if args.visual_tokens and not all(c.isdigit() and int(c) > 0 for c in configs):
+        p.error(f"--visual-tokens must be positive integers, got {args.visual_tokens!r}")
+    if min(args.iters, args.rounds, args.batch_size) < 1:
+        p.error("--iters, --rounds and --batch-size must be >= 1")
     if args.device is None:  # torch only now: --help answers without it
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     llm = args.llm or ("7b" if args.device == "cuda" else "small")
-    rows = run(args.towers.split(","), llm, args.batch_size, args.text_tokens, args.iters, args.device)
+    rows = run(configs, llm, args.batch_size, args.text_tokens, args.iters, args.device,
+               isolate=not args.no_isolate, rounds=args.rounds)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(f"prefill, {llm} Llama on {args.device}, batch {args.batch_size}, {args.text_tokens} text tokens")
+        print(f"prefill, {llm} Llama on {args.device}, batch {args.batch_size}, {args.text_tokens} text tokens, "
+              f"{args.rounds} interleaved rounds of {args.iters}")
         print(format_table(rows))
     return 0
 

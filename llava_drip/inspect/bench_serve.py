@@ -1,7 +1,8 @@
 """`llava-drip bench serve`: the chat engine's throughput and latency under concurrent requests.
 
-The workload is held-out synthetic scenes with stage 2's open questions (colour, shape, count, position;
-`builtin_model.heldout_questions`), answered greedily. At each concurrency c, c client threads send the
+The workload is held-out synthetic scenes (`builtin_model.heldout_questions`) with stage 2's open
+questions, answered greedily: short ones (colour, shape, count, position) and, for a `--describe`
+fraction of the requests (default half), a request for a detailed description of the same scene. At each concurrency c, c client threads send the
 requests through one ChatEngine (each thread sends its next request when its last one is answered);
 c=1 is the same engine run serially, the baseline of the speedup. Levels are run interleaved, round
 after round, in a shuffled order per round; the table gives the median over rounds and the spread
@@ -62,12 +63,28 @@ def run_level(engine, requests, concurrency: int, max_new_tokens: int):
     return wall, latencies, answers, tokens
 
 
-def run_bench(engine, n_requests: int, levels=(1, 8, 32), rounds: int = 3, max_new_tokens: int = 32,
-              seed: int = 0) -> dict:
-    from llava_drip.train.builtin_model import heldout_questions
-    per_kind = -(-n_requests // 4)
-    items = heldout_questions(per_kind)[:n_requests]
-    requests = [(image, question) for _, _, image, question, _ in items]
+def workload(n_requests: int, describe: float, seed: int = 0):
+    """[(image, question)]: held-out scenes, every kind of short question in turn, and `describe` of them
+    (spread evenly) asking for a detailed description instead."""
+    import numpy as np
+
+    from llava_drip.data.synth_llava import qa_detail
+    from llava_drip.train.builtin_model import KINDS, heldout_questions
+    per_kind = -(-n_requests // len(KINDS))
+    items = heldout_questions(per_kind)
+    items = [items[k * per_kind + i] for i in range(per_kind) for k in range(len(KINDS))][:n_requests]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, (_, scene, image, question, _) in enumerate(items):
+        if int((i + 1) * describe) > int(i * describe):
+            question = qa_detail(scene, rng)[0]
+        out.append((image, question))
+    return out
+
+
+def run_bench(engine, n_requests: int, levels=(1, 8, 32), rounds: int = 3, max_new_tokens: int = 64,
+              seed: int = 0, describe: float = 0.5) -> dict:
+    requests = workload(n_requests, describe, seed)
     if 1 not in levels:
         levels = (1, *levels)
     run_level(engine, requests[:4], 4, max_new_tokens)  # warm-up: first-call costs (the shared prefix) out
@@ -100,7 +117,7 @@ def run_bench(engine, n_requests: int, levels=(1, 8, 32), rounds: int = 3, max_n
                      "p50_latency_s": _percentile(lat[c], 0.5), "p95_latency_s": _percentile(lat[c], 0.95),
                      "fraction_of_serial_time": wall / base, "speedup": base / wall,
                      "answers_differing_from_serial": differ})
-    return {"rows": rows, "model": engine.model_path, "max_batch_size": engine.max_batch_size,
+    return {"rows": rows, "model": engine.model_path, "describe_fraction": describe, "max_batch_size": engine.max_batch_size,
             "largest_batch": engine.max_rows_seen,
             "max_new_tokens": max_new_tokens, "mean_generated_tokens": statistics.mean(gen_tokens),
             "cpu_count": os.cpu_count(), "device": str(engine.device),
@@ -127,7 +144,9 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=64, help="requests per level and round")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (1 is always run)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table gives medians")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--describe", type=float, default=0.5,
+                   help="fraction of the requests that ask for a detailed description (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="the engine's batch bound")
     p.add_argument("--out", help="write the result as JSON here")
     args = p.parse_args(argv)
@@ -137,17 +156,19 @@ def main(argv=None) -> int:
         p.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
     if min(levels) < 1 or args.requests < 1 or args.rounds < 1:
         p.error("--concurrency, --requests and --rounds must be >= 1")
+    if not 0 <= args.describe <= 1:
+        p.error(f"--describe must be in [0, 1], got {args.describe}")
     from llava_drip.serve.builtin import resolve_model_path
     from llava_drip.serve.engine import ChatEngine
     engine = ChatEngine(resolve_model_path(args.model_path), model_base=args.model_base, device=args.device,
                         max_batch_size=args.max_batch_size)
-    result = run_bench(engine, args.requests, levels, args.rounds, args.max_new_tokens)
+    result = run_bench(engine, args.requests, levels, args.rounds, args.max_new_tokens, describe=args.describe)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    print(f"serving, {engine.model_path} on {args.device}, {args.requests} greedy requests per level, "
-          f"{args.rounds} rounds, engine max batch {args.max_batch_size}, "
+    print(f"serving, {engine.model_path} on {args.device}, {args.requests} greedy requests per level "
+          f"({100 * args.describe:.0f} % descriptions), {args.rounds} rounds, engine max batch {args.max_batch_size}, "
           f"mean answer {result['mean_generated_tokens']:.1f} tokens")
     print(markdown_table(result))
     return 0
