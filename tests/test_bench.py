@@ -104,3 +104,19 @@ def test_bench_gpu_script_dry_run(tmp_path):
     bad = subprocess.run(["bash", str(repo / "scripts" / "bench_gpu.sh"), "--nope"], cwd=repo, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert bad.returncode == 2 and "unknown argument --nope" in bad.stdout
+
+
+def test_bench_encoder_rounds_until_the_spread_is_small(tmp_path):
+    """--target-spread adds rounds (shuffled, paired with the baseline) up to --max-iters; spread reported."""
+    out = tmp_path / "enc.json"
+    assert bench_encoder.main(["--model", "DRIP-4x-tiny", "--batch-sizes", "2", "--warmup", "0", "--iters", "2",
+                               "--impl", "packed", "--boundaries", "topk", "--target-spread", "0", "--max-iters", "4",
+                               "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    drip = [r for r in rows if r["model"] == "DRIP-4x-tiny"]
+    assert len(drip) == 1
+    r = drip[0]
+    assert r["rounds"] == 4 and len(r["speedup_rounds"]) == 4  # a spread of 0 is never reached: all 4 rounds
+    assert r["achieved_spread"] == pytest.approx(max(r["speedup_rounds"]) / min(r["speedup_rounds"]) - 1)
+    assert r["achieved_paired"] == pytest.approx(r["speedup_median"] / r["flop_ratio"])
+    assert "| 4) |" not in bench_encoder.markdown_table({"rows": rows}) and "(4)" in bench_encoder.markdown_table({"rows": rows})

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -111,7 +112,11 @@ class Config:
 
 def run_bench(models=DEFAULT_MODELS, batch_sizes=(1, 16, 64), impls=("padded", "packed"),
               boundaries=("topk", "bernoulli"), warmup: int = 1, iters: int = 3, device: str = "auto",
-              dtype: str = "auto", seed: int = 0, progress=None) -> dict:
+              dtype: str = "auto", seed: int = 0, progress=None, target_spread: Optional[float] = None,
+              max_iters: Optional[int] = None) -> dict:
+    """Every configuration is timed once per round, in a shuffled order per round. With target_spread,
+    rounds go on past `iters` (up to max_iters) until each DRIP row's per-round speedup over its
+    baseline (paired within the round) varies by at most target_spread (max/min - 1)."""
     import torch
     from ..drip.factory import is_drip
     from ..drip.tower import DRIPVisionTransformer
@@ -164,9 +169,25 @@ def run_bench(models=DEFAULT_MODELS, batch_sizes=(1, 16, 64), impls=("padded", "
             if isinstance(t, DRIPVisionTransformer):
                 overrides[m] = (torch.rand(bs, t.num_patches, generator=g) < t.prior).float().to(dev)
 
+        by_key = {c.key: c for c in configs}
+
+        def spreads():
+            out = {}
+            for c in configs:
+                if c.boundaries is not None:
+                    ratios = [b / t for b, t in zip(by_key[c.baseline].times, c.times)]
+                    out[c.key] = max(ratios) / min(ratios) - 1
+            return out
+
+        limit = max(iters, max_iters or iters) if target_spread is not None else iters
+        order = random.Random(seed + bs)
         with torch.inference_mode():
-            for rnd in range(warmup + iters):
-                for c in configs:
+            rnd = 0
+            while rnd < warmup + iters or (rnd < warmup + limit and target_spread is not None and
+                                           max(spreads().values(), default=0.0) > target_spread):
+                shuffled = list(configs)
+                order.shuffle(shuffled)
+                for c in shuffled:
                     c.prepare(overrides.get(c.model))
                     timer = timers.get(c.model)
                     if timer:
@@ -179,10 +200,11 @@ def run_bench(models=DEFAULT_MODELS, batch_sizes=(1, 16, 64), impls=("padded", "
                         c.times.append(time.perf_counter() - t0)
                         if timer:
                             c.pool_seconds += timer.seconds
-                    if timer and rnd == warmup + iters - 1:
+                    if timer and rnd >= warmup:
                         c.row.update(timer.layout_stats())
+                rnd += 1
                 if progress:
-                    progress(f"batch {bs}: round {rnd + 1}/{warmup + iters}")
+                    progress(f"batch {bs}: round {rnd}/{warmup + iters}+")
             for c in configs:
                 c.prepare(overrides.get(c.model))
                 c.row["peak_mem_mib"] = memory.measure(lambda: c.tower(inputs[c.model]))
@@ -206,16 +228,21 @@ def run_bench(models=DEFAULT_MODELS, batch_sizes=(1, 16, 64), impls=("padded", "
                            groups_max=int(max(groups)), padded_len=c.row["padded_len"], computed_len=c.row["computed_len"],
                            gflops_per_image=per_image, flop_ratio=gflops(c.baseline) / per_image,
                            pool_share=c.pool_seconds / sum(c.times))
+                paired = [b / t for b, t in zip(by_key[c.baseline].times, c.times)]  # speedup within each round
+                row.update(rounds=len(paired), speedup_rounds=paired, speedup_median=statistics.median(paired),
+                           achieved_spread=max(paired) / min(paired) - 1)
             rows.append(row)
         for row in rows:
             if row["batch"] == bs and row["boundaries"] != "-":
                 row["speedup"] = row["img_s"] / base_rate[row["baseline"]]
                 row["achieved"] = row["speedup"] / row["flop_ratio"]
+                row["achieved_paired"] = row["speedup_median"] / row["flop_ratio"]
     for t in timers.values():
         t.remove()
     env = {"device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
            "dtype": dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "warmup": warmup, "iters": iters, "seed": seed,
+           "target_spread": target_spread, "max_iters": max_iters,
            "loadavg_before": load_before, "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None}
     return {"env": env, "rows": rows}
 
@@ -225,9 +252,14 @@ def _fmt(v, spec, none="-"):
     return none if v is None else format(v, spec)
 
 
+def _spread(r: dict) -> str:
+    return "-" if r.get("achieved_spread") is None else f"{100 * r['achieved_spread']:.0f} % ({r['rounds']})"
+
+
 def markdown_table(result: dict) -> str:
     head = ("| model | boundaries | impl | batch | img/s | latency ms | peak MiB | groups/img (min-max) | "
-            "padded len | rows/img computed | GFLOPs/img | FLOP ratio | speedup | achieved | pooling % |")
+            "padded len | rows/img computed | GFLOPs/img | FLOP ratio | speedup | achieved | spread (rounds) | "
+            "pooling % |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
         groups = "-" if r["groups_per_image"] is None else f"{r['groups_per_image']:.1f} ({r['groups_min']}-{r['groups_max']})"
@@ -235,7 +267,7 @@ def markdown_table(result: dict) -> str:
             f"| {r['model']} | {r['boundaries']} | {r['impl']} | {r['batch']} | {r['img_s']:.1f} | {r['latency_ms']:.0f} | "
             f"{_fmt(r['peak_mem_mib'], '.0f')} | {groups} | {r['padded_len']} | {r['computed_len']:.1f} | "
             f"{r['gflops_per_image']:.2f} | {r['flop_ratio']:.2f}x | {r['speedup']:.2f}x | {r['achieved']:.2f} | "
-            f"{100 * r['pool_share']:.1f} |")
+            f"{_spread(r)} | {100 * r['pool_share']:.1f} |")
     return "\n".join(lines)
 
 
@@ -272,6 +304,10 @@ def main(argv=None) -> int:
                         help="topk (target rate, round(pN) per image) and/or bernoulli (Bernoulli(p) per image)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds")
     parser.add_argument("--iters", type=int, default=3, help="timed rounds (median reported)")
+    parser.add_argument("--target-spread", type=float, default=None,
+                        help="keep adding rounds until every DRIP row's per-round speedup varies by at most this "
+                             "(0.05: 5 %%), up to --max-iters; the spread is reported either way")
+    parser.add_argument("--max-iters", type=int, default=20, help="round limit with --target-spread")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto: fp32 on CPU, bf16 on CUDA")
@@ -295,7 +331,8 @@ def main(argv=None) -> int:
         import torch
         torch.set_num_threads(args.threads)
     result = run_bench(args.model, _csv(args.batch_sizes, int), impls, bnds, args.warmup, args.iters,
-                       args.device, args.dtype, args.seed, progress=lambda s: print(s, file=sys.stderr, flush=True))
+                       args.device, args.dtype, args.seed, progress=lambda s: print(s, file=sys.stderr, flush=True),
+                       target_spread=args.target_spread, max_iters=args.max_iters)
     result["command"] = "llava-drip bench encoder " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.out:
         with open(args.out, "w") as f:
