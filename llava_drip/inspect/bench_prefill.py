@@ -105,20 +105,20 @@ class _Bench:
 
 def _memory_worker(q, kwargs):
     try:
-        import torch
+        from llava_drip.utils import PeakMemory
         bench = _Bench(kwargs["llm"], kwargs["batch"], kwargs["text_tokens"], kwargs["device"], kwargs["seed"])
-        if kwargs["device"] == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         bench.add(kwargs["name"], kwargs["seed"])
+        memory = PeakMemory(kwargs["device"])
+        memory.reset()  # after building: the peak of the pass itself, weights resident (not init's transients)
         bench.time_once(kwargs["name"])
-        peak = torch.cuda.max_memory_allocated() / 2**20 if kwargs["device"] == "cuda" else _rss_mb()
-        q.put({"peak_mem_mb": peak})
+        q.put({"peak_mem_mb": memory.peak_mb(), "memory_kind": memory.describe()})
     except Exception as e:  # noqa: BLE001  (the parent names the configuration)
         q.put({"error": f"{type(e).__name__}: {e}"})
 
 
 def peak_memory(name: str, llm: str, batch: int, text_tokens: int, device: str, seed: int) -> float:
-    """Peak memory of one configuration's tower + prefill, alone in a fresh process."""
+    """{"peak_mem_mb", "memory_kind"} of one tower + prefill pass of one configuration, alone in a fresh
+    process, its weights resident (the peak is reset after building where the platform allows)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_memory_worker, args=(q, dict(name=name, llm=llm, batch=batch, text_tokens=text_tokens,
@@ -128,7 +128,7 @@ def peak_memory(name: str, llm: str, batch: int, text_tokens: int, device: str, 
     p.join()
     if "error" in got:
         raise RuntimeError(f"memory run of {name} failed: {got['error']}")
-    return got["peak_mem_mb"]
+    return got
 
 
 def run(towers, llm, batch, text_tokens, iters, device, seed=0, isolate=True, rounds=3):
@@ -160,11 +160,13 @@ def run(towers, llm, batch, text_tokens, iters, device, seed=0, isolate=True, ro
                      "prefill_ms": 1e3 * statistics.median(prefill_t[name]),
                      "prefill_ms_rounds": [1e3 * t for t in prefill_t[name]],
                      "prefill_spread": max(prefill_t[name]) / min(prefill_t[name]) - 1,
-                     "rounds": rounds, "iters": iters, "loadavg_before": load_before,
-                     "memory_kind": "cuda max_memory_allocated" if device == "cuda" else "process peak RSS"})
+                     "rounds": rounds, "iters": iters, "loadavg_before": load_before})
     del bench
     for row, name in zip(rows, towers):
-        row["peak_mem_mb"] = peak_memory(name, llm, batch, text_tokens, device, seed) if isolate else _rss_mb()
+        if isolate:
+            row.update(peak_memory(name, llm, batch, text_tokens, device, seed))
+        else:
+            row.update(peak_mem_mb=_rss_mb(), memory_kind="peak RSS of the benchmark's own process")
     base = rows[0]
     for r in rows:
         r["token_ratio"] = base["visual_tokens"] / r["visual_tokens"]

@@ -12,7 +12,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import resource
 import statistics
 import sys
 import time
@@ -61,23 +60,21 @@ def _sync(device: str):
 
 def _peak_worker(q, kw):
     try:
-        import torch
+        from llava_drip.utils import PeakMemory
         device = kw["device"]
         parts = _setup(kw["model"], kw["batch"], device, kw["seed"])
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(2):
+        memory = PeakMemory(device)
+        memory.reset()  # after building: the steps' peak, weights resident
+        for _ in range(2):  # the first creates AdamW's states
             _step(*parts, device, kw["dtype"])
         _sync(device)
-        peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-        q.put({"peak_mem_mb": peak})
+        q.put({"peak_mem_mb": memory.peak_mb(), "memory_kind": memory.describe()})
     except Exception as e:  # noqa: BLE001  (the parent names the model)
         q.put({"error": f"{type(e).__name__}: {e}"})
 
 
 def peak_memory(model: str, batch: int, device: str, dtype, seed: int) -> float:
-    """Peak memory of two training steps of `model`, alone in a fresh process."""
+    """{"peak_mem_mb", "memory_kind"} of two training steps of `model`, alone in a fresh process."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_peak_worker, args=(q, dict(model=model, batch=batch, device=device, dtype=dtype,
@@ -87,7 +84,7 @@ def peak_memory(model: str, batch: int, device: str, dtype, seed: int) -> float:
     p.join()
     if "error" in got:
         raise RuntimeError(f"memory run of {model} failed: {got['error']}")
-    return got["peak_mem_mb"]
+    return got
 
 
 def run_bench(models=DEFAULT_MODELS, batch: int = 256, iters: int = 3, rounds: int = 3, device: str = "auto",
@@ -122,14 +119,13 @@ def run_bench(models=DEFAULT_MODELS, batch: int = 256, iters: int = 3, rounds: i
         rows.append({"model": m, "batch": batch, "step_ms": 1e3 * statistics.median(times[m]),
                      "step_ms_rounds": [1e3 * t for t in times[m]],
                      "spread": max(times[m]) / min(times[m]) - 1,
-                     "peak_mem_mb": peak_memory(m, batch, device, amp, seed) if memory else None})
+                     **(peak_memory(m, batch, device, amp, seed) if memory else {"peak_mem_mb": None})})
     base = rows[0]
     for r in rows:
         r["time_vs_first"] = r["step_ms"] / base["step_ms"]
         r["memory_vs_first"] = (r["peak_mem_mb"] / base["peak_mem_mb"]) if memory else None
     return {"rows": rows, "device": device, "dtype": dtype, "iters": iters, "rounds": rounds,
-            "memory_kind": ("cuda max_memory_allocated" if device.startswith("cuda") else "process peak RSS")
-            if memory else None,
+            "memory_kind": rows[0].get("memory_kind"),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None}
 
