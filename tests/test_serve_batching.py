@@ -22,13 +22,17 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(model_path):
-    return ChatEngine(model_path)
+    e = ChatEngine(model_path)
+    yield e
+    e.close()
 
 
 @pytest.fixture(scope="module")
 def serial(model_path):
     """The same model answering one request at a time (the reference)."""
-    return ChatEngine(model_path, max_batch_size=1)
+    e = ChatEngine(model_path, max_batch_size=1)
+    yield e
+    e.close()
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +165,10 @@ def test_a_full_line_raises_engine_busy_and_frees_up(model_path):
             e.chat(msgs, None, max_new_tokens=2)
     assert all(len(list(s)) >= 0 and s.stats.generated_tokens >= 1 for s in streams)
     assert e.chat(msgs, None, max_new_tokens=2)[1].generated_tokens >= 1  # room again
+    e.close()
+    assert not e._worker.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        e.chat(msgs, None, max_new_tokens=2)
     with pytest.raises(ValueError, match="max_batch_size"):
         ChatEngine(model_path, max_batch_size=0)
 
@@ -184,6 +192,7 @@ def test_api_answers_503_when_the_engine_line_is_full(model_path):
         assert again.json()["choices"][0]["message"] == r.json()["choices"][0]["message"]
         bad = client.post("/v1/chat/completions", json=dict(body, seed="x"))
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "seed"
+    e.close()
 
 
 def test_bench_serve_command(model_path, tmp_path, capsys):

@@ -44,7 +44,13 @@ class _Bench:
         self.device, self.batch, self.llm = device, batch, llm
         self.dtype = torch.bfloat16 if device == "cuda" else torch.float32
         self.cfg = LlavaConfig(**LLM_SHAPES[llm], max_position_embeddings=4096)
-        self.model = LlavaLlamaForCausalLM(self.cfg).to(device=device, dtype=self.dtype).eval()
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)  # built in place: a 7B model never exists in fp32 on the host
+        try:
+            with torch.device(device):
+                self.model = LlavaLlamaForCausalLM(self.cfg).eval()
+        finally:
+            torch.set_default_dtype(default)
         self.text_tokens = text_tokens
         self.configs = {}
 

@@ -163,6 +163,7 @@ def main(argv=None) -> int:
     engine = ChatEngine(resolve_model_path(args.model_path), model_base=args.model_base, device=args.device,
                         max_batch_size=args.max_batch_size)
     result = run_bench(engine, args.requests, levels, args.rounds, args.max_new_tokens, describe=args.describe)
+    engine.close()
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -196,6 +196,7 @@ class ChatEngine:
         self._waiting: "collections.deque[_Request]" = collections.deque()
         self._encodes: "collections.deque[_EncodeJob]" = collections.deque()  # images waiting for the tower
         self._worker: Optional[threading.Thread] = None
+        self._closed = False
         self._running = 0  # rows in the batch being decoded
         self.max_rows_seen = 0  # the largest batch decoded so far
         eos = self.model.generation_config.eos_token_id
@@ -468,6 +469,8 @@ class ChatEngine:
     def _submit(self, req: "_Request") -> None:
         """Queue a request for the worker; EngineBusy when `max_queue` requests are already waiting."""
         with self._cv:
+            if self._closed:
+                raise RuntimeError("this ChatEngine is closed")
             if len(self._waiting) >= self.max_queue:
                 raise EngineBusy(f"{len(self._waiting)} requests are waiting for the model (max_queue="
                                  f"{self.max_queue}); try again shortly")
@@ -475,7 +478,19 @@ class ChatEngine:
             self._start_worker()
             self._cv.notify()
 
+    def close(self) -> None:
+        """Stop the worker once the requests in flight are answered; later requests raise RuntimeError.
+        (The worker holds the engine, so an engine that is dropped without close() stays in memory.)"""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+            worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout=60)
+
     def _start_worker(self) -> None:  # with self._cv held
+        if self._closed:
+            raise RuntimeError("this ChatEngine is closed")
         if self._worker is None:
             self._worker = threading.Thread(target=self._work, name="llava-drip-batcher", daemon=True)
             self._worker.start()
@@ -514,6 +529,8 @@ class ChatEngine:
         while True:
             with self._cv:
                 while not self._waiting and not self._encodes and batch is None:
+                    if self._closed:
+                        return
                     self._cv.wait()
                 if batch is None:  # idle until now: a burst (2+ waiting) may still be arriving; let it
                     seen, deadline = 1, time.perf_counter() + _GATHER_MAX_S  # settle, to share one call
