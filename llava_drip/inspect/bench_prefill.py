@@ -11,13 +11,13 @@ per configuration (CUDA max_memory_allocated, or the process's peak RSS on CPU).
 """
 import argparse
 import json
-import multiprocessing as mp
 import os
-import random
 import resource
 import statistics
 import sys
 import time
+
+from llava_drip.inspect.rounds import in_fresh_process, interleaved
 
 LLM_SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -109,32 +109,21 @@ class _Bench:
         return (t1 - t0) if c["tower"] is not None else None, t2 - t1
 
 
-def _memory_worker(q, kwargs):
-    try:
-        from llava_drip.utils import PeakMemory
-        bench = _Bench(kwargs["llm"], kwargs["batch"], kwargs["text_tokens"], kwargs["device"], kwargs["seed"])
-        bench.add(kwargs["name"], kwargs["seed"])
-        memory = PeakMemory(kwargs["device"])
-        memory.reset()  # after building: the peak of the pass itself, weights resident (not init's transients)
-        bench.time_once(kwargs["name"])
-        q.put({"peak_mem_mb": memory.peak_mb(), "memory_kind": memory.describe()})
-    except Exception as e:  # noqa: BLE001  (the parent names the configuration)
-        q.put({"error": f"{type(e).__name__}: {e}"})
+def _peak(name: str, llm: str, batch: int, text_tokens: int, device: str, seed: int) -> dict:
+    from llava_drip.utils import PeakMemory
+    bench = _Bench(llm, batch, text_tokens, device, seed)
+    bench.add(name, seed)
+    memory = PeakMemory(device)
+    memory.reset()  # after building: the peak of the pass itself, weights resident (not init's transients)
+    bench.time_once(name)
+    return {"peak_mem_mb": memory.peak_mb(), "memory_kind": memory.describe()}
 
 
-def peak_memory(name: str, llm: str, batch: int, text_tokens: int, device: str, seed: int) -> float:
+def peak_memory(name: str, llm: str, batch: int, text_tokens: int, device: str, seed: int) -> dict:
     """{"peak_mem_mb", "memory_kind"} of one tower + prefill pass of one configuration, alone in a fresh
     process, its weights resident (the peak is reset after building where the platform allows)."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_memory_worker, args=(q, dict(name=name, llm=llm, batch=batch, text_tokens=text_tokens,
-                                                          device=device, seed=seed)))
-    p.start()
-    got = q.get()
-    p.join()
-    if "error" in got:
-        raise RuntimeError(f"memory run of {name} failed: {got['error']}")
-    return got
+    return in_fresh_process(_peak, f"memory run of {name}", name=name, llm=llm, batch=batch,
+                            text_tokens=text_tokens, device=device, seed=seed)
 
 
 def run(towers, llm, batch, text_tokens, iters, device, seed=0, isolate=True, rounds=3):
@@ -144,18 +133,16 @@ def run(towers, llm, batch, text_tokens, iters, device, seed=0, isolate=True, ro
     for name in towers:
         bench.add(name, seed)
         bench.time_once(name)  # warm-up
-    tower_t = {n: [] for n in towers}
-    prefill_t = {n: [] for n in towers}
-    order = random.Random(seed)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    for _ in range(rounds):
-        shuffled = list(towers)
-        order.shuffle(shuffled)
-        for name in shuffled:
-            runs = [bench.time_once(name) for _ in range(iters)]
-            if runs[0][0] is not None:
-                tower_t[name].append(statistics.median(r[0] for r in runs))
-            prefill_t[name].append(statistics.median(r[1] for r in runs))
+
+    def measure(name):
+        runs = [bench.time_once(name) for _ in range(iters)]
+        tower = statistics.median(r[0] for r in runs) if runs[0][0] is not None else None
+        return tower, statistics.median(r[1] for r in runs)
+
+    got = interleaved(towers, rounds, seed, measure)
+    tower_t = {n: [t for t, _ in got[n] if t is not None] for n in towers}
+    prefill_t = {n: [p for _, p in got[n]] for n in towers}
     rows = []
     for name in towers:
         c = bench.configs[name]

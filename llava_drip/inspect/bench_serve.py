@@ -11,12 +11,12 @@ after round, in a shuffled order per round; the table gives the median over roun
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import threading
 import time
 
+from llava_drip.inspect.rounds import interleaved
 from llava_drip.serve.builtin import DEFAULT_MAX_BATCH_SIZE
 
 
@@ -88,22 +88,12 @@ def run_bench(engine, n_requests: int, levels=(1, 8, 32), rounds: int = 3, max_n
     if 1 not in levels:
         levels = (1, *levels)
     run_level(engine, requests[:4], 4, max_new_tokens)  # warm-up: first-call costs (the shared prefix) out
-    order = random.Random(seed)
-    walls = {c: [] for c in levels}
-    lat = {c: [] for c in levels}
-    answers = {c: [] for c in levels}
-    gen_tokens = None
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    for _ in range(rounds):
-        shuffled = list(levels)
-        order.shuffle(shuffled)
-        for c in shuffled:
-            wall, latencies, got, tokens = run_level(engine, requests, c, max_new_tokens)
-            walls[c].append(wall)
-            lat[c].extend(latencies)
-            answers[c].append(got)
-            if c == 1:
-                gen_tokens = tokens
+    got = interleaved(levels, rounds, seed, lambda c: run_level(engine, requests, c, max_new_tokens))
+    walls = {c: [g[0] for g in got[c]] for c in levels}
+    lat = {c: [x for g in got[c] for x in g[1]] for c in levels}
+    answers = {c: [g[2] for g in got[c]] for c in levels}
+    gen_tokens = got[1][0][3]
     serial = answers[1][0]
     rows = []
     base = statistics.median(walls[1])

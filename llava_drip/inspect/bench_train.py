@@ -9,12 +9,12 @@ weights and AdamW states stay fp32, as open_clip_train's `--precision amp_bf16`)
 """
 import argparse
 import json
-import multiprocessing as mp
 import os
-import random
 import statistics
 import sys
 import time
+
+from llava_drip.inspect.rounds import in_fresh_process, interleaved
 
 DEFAULT_MODELS = ("ViT-B-32", "DRIP-4x-32")
 
@@ -58,33 +58,21 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def _peak_worker(q, kw):
-    try:
-        from llava_drip.utils import PeakMemory
-        device = kw["device"]
-        parts = _setup(kw["model"], kw["batch"], device, kw["seed"])
-        memory = PeakMemory(device)
-        memory.reset()  # after building: the steps' peak, weights resident
-        for _ in range(2):  # the first creates AdamW's states
-            _step(*parts, device, kw["dtype"])
-        _sync(device)
-        q.put({"peak_mem_mb": memory.peak_mb(), "memory_kind": memory.describe()})
-    except Exception as e:  # noqa: BLE001  (the parent names the model)
-        q.put({"error": f"{type(e).__name__}: {e}"})
+def _peak(model: str, batch: int, device: str, dtype, seed: int) -> dict:
+    from llava_drip.utils import PeakMemory
+    parts = _setup(model, batch, device, seed)
+    memory = PeakMemory(device)
+    memory.reset()  # after building: the steps' peak, weights resident
+    for _ in range(2):  # the first creates AdamW's states
+        _step(*parts, device, dtype)
+    _sync(device)
+    return {"peak_mem_mb": memory.peak_mb(), "memory_kind": memory.describe()}
 
 
-def peak_memory(model: str, batch: int, device: str, dtype, seed: int) -> float:
+def peak_memory(model: str, batch: int, device: str, dtype, seed: int) -> dict:
     """{"peak_mem_mb", "memory_kind"} of two training steps of `model`, alone in a fresh process."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_peak_worker, args=(q, dict(model=model, batch=batch, device=device, dtype=dtype,
-                                                         seed=seed)))
-    p.start()
-    got = q.get()
-    p.join()
-    if "error" in got:
-        raise RuntimeError(f"memory run of {model} failed: {got['error']}")
-    return got
+    return in_fresh_process(_peak, f"memory run of {model}", model=model, batch=batch, device=device, dtype=dtype,
+                            seed=seed)
 
 
 def run_bench(models=DEFAULT_MODELS, batch: int = 256, iters: int = 3, rounds: int = 3, device: str = "auto",
@@ -98,21 +86,19 @@ def run_bench(models=DEFAULT_MODELS, batch: int = 256, iters: int = 3, rounds: i
     setups = {m: _setup(m, batch, device, seed) for m in models}
     for m in models:  # warm-up: kernels, allocator, optimizer states
         _step(*setups[m], device, amp)
-    times = {m: [] for m in models}
-    order = random.Random(seed)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    for _ in range(rounds):
-        shuffled = list(models)
-        order.shuffle(shuffled)
-        for m in shuffled:
-            steps = []
-            for _ in range(iters):
-                _sync(device)
-                t0 = time.perf_counter()
-                _step(*setups[m], device, amp)
-                _sync(device)
-                steps.append(time.perf_counter() - t0)
-            times[m].append(statistics.median(steps))
+
+    def measure(m):
+        steps = []
+        for _ in range(iters):
+            _sync(device)
+            t0 = time.perf_counter()
+            _step(*setups[m], device, amp)
+            _sync(device)
+            steps.append(time.perf_counter() - t0)
+        return statistics.median(steps)
+
+    times = interleaved(models, rounds, seed, measure)
     del setups
     rows = []
     for m in models:
