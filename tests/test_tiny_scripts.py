@@ -38,7 +38,8 @@ def test_run_all_both_stages_and_a_chat_turn(tmp_path):
 def test_clip_repro_small(tmp_path):
     doc = tmp_path / "clip_synthetic.md"
     _run(["bash", str(REPO / "scripts" / "tiny" / "clip_repro.sh"), "--out", str(tmp_path / "runs"), "--doc", str(doc),
-          "--models", "ViT-tiny", "DRIP-4x-tiny", "--n", "64", "--val-per-class", "2", "--epochs", "1",
+          "--plot", str(tmp_path / "clip_synthetic.png"), "--models", "ViT-tiny", "DRIP-4x-tiny", "--n", "64", "--val-per-class", "2", "--epochs", "1",
           "--batch-size", "32", "--reps", "1", "--workers", "0"], _env(), tmp_path / "repro.log")
     text = doc.read_text()
     assert "ViT-tiny" in text and "DRIP-4x-tiny" in text
+    assert (tmp_path / "clip_synthetic.png").stat().st_size > 0  # the plot goes where it is told, not into docs/

@@ -5,6 +5,9 @@ Rows per DRIP model and batch size: boundaries x attention layout.
   boundaries 'topk'      eval_mode='topk': round(p N) boundaries per image (the target rate)
              'bernoulli' independent Bernoulli(p) boundaries per image, the spread a trained
                          predictor sampling at its prior produces (groups vary image to image)
+             'full'      a boundary after every patch: the same DRIP code kept at full length, the
+                         same-implementation control (each row then also gets `achieved_vs_full`:
+                         its speedup over that control / their FLOP ratio)
   impl       'padded'    every image padded to the batch's largest group count (the reference)
              'packed'    token-wise layers on the packed [sum G, D] rows, attention per image
 
@@ -107,7 +110,10 @@ class Config:
         from ..drip.tower import DRIPVisionTransformer
         if isinstance(self.tower, DRIPVisionTransformer):
             self.tower.attn_impl = self.impl
-            self.tower.boundary_override = override if self.boundaries == "bernoulli" else None
+            if self.boundaries == "full":
+                self.tower.boundary_override = self.tower.proj.new_ones(self.tower.num_patches)
+            else:
+                self.tower.boundary_override = override if self.boundaries == "bernoulli" else None
 
 
 def run_bench(models=DEFAULT_MODELS, batch_sizes=(1, 16, 64), impls=("padded", "packed"),
@@ -237,6 +243,12 @@ def run_bench(models=DEFAULT_MODELS, batch_sizes=(1, 16, 64), impls=("padded", "
                 row["speedup"] = row["img_s"] / base_rate[row["baseline"]]
                 row["achieved"] = row["speedup"] / row["flop_ratio"]
                 row["achieved_paired"] = row["speedup_median"] / row["flop_ratio"]
+        for row in rows:  # against the same code at full length, where it was run
+            full = next((r for r in rows if r["batch"] == bs and r["model"] == row["model"] and
+                         r["impl"] == row["impl"] and r["boundaries"] == "full"), None)
+            if row["batch"] == bs and row["boundaries"] not in ("-", "full") and full is not None:
+                row["achieved_vs_full"] = (row["img_s"] / full["img_s"]) / (full["gflops_per_image"] /
+                                                                           row["gflops_per_image"])
     for t in timers.values():
         t.remove()
     env = {"device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
@@ -259,7 +271,7 @@ def _spread(r: dict) -> str:
 def markdown_table(result: dict) -> str:
     head = ("| model | boundaries | impl | batch | img/s | latency ms | peak MiB | groups/img (min-max) | "
             "padded len | rows/img computed | GFLOPs/img | FLOP ratio | speedup | achieved | spread (rounds) | "
-            "pooling % |")
+            "achieved vs full | pooling % |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
         groups = "-" if r["groups_per_image"] is None else f"{r['groups_per_image']:.1f} ({r['groups_min']}-{r['groups_max']})"
@@ -267,7 +279,7 @@ def markdown_table(result: dict) -> str:
             f"| {r['model']} | {r['boundaries']} | {r['impl']} | {r['batch']} | {r['img_s']:.1f} | {r['latency_ms']:.0f} | "
             f"{_fmt(r['peak_mem_mib'], '.0f')} | {groups} | {r['padded_len']} | {r['computed_len']:.1f} | "
             f"{r['gflops_per_image']:.2f} | {r['flop_ratio']:.2f}x | {r['speedup']:.2f}x | {r['achieved']:.2f} | "
-            f"{_spread(r)} | {100 * r['pool_share']:.1f} |")
+            f"{_spread(r)} | {_fmt(r.get('achieved_vs_full'), '.2f')} | {100 * r['pool_share']:.1f} |")
     return "\n".join(lines)
 
 
@@ -301,7 +313,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", default="1,16,64", help="comma-separated")
     parser.add_argument("--impl", default="padded,packed", help="DRIP layouts to compare: padded,packed")
     parser.add_argument("--boundaries", default="topk,bernoulli",
-                        help="topk (target rate, round(pN) per image) and/or bernoulli (Bernoulli(p) per image)")
+                        help="topk (target rate, round(pN) per image), bernoulli (Bernoulli(p) per image), full "
+                             "(every patch its own group: the same-implementation control)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds")
     parser.add_argument("--iters", type=int, default=3, help="timed rounds (median reported)")
     parser.add_argument("--target-spread", type=float, default=None,
@@ -323,7 +336,7 @@ def main(argv=None) -> int:
         print(f"llava-drip bench encoder: unknown model(s) {unknown}. Available: {list_models()}", file=sys.stderr)
         return 2
     impls, bnds = _csv(args.impl), _csv(args.boundaries)
-    bad = [i for i in impls if i not in ("padded", "packed")] + [b for b in bnds if b not in ("topk", "bernoulli")]
+    bad = [i for i in impls if i not in ("padded", "packed")] + [b for b in bnds if b not in ("topk", "bernoulli", "full")]
     if bad:
         print(f"llava-drip bench encoder: unknown --impl/--boundaries value(s) {bad}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from llava_drip.inspect.rounds import in_fresh_process, interleaved
+from llava_drip.inspect.rounds import in_fresh_processes, interleaved
 
 LLM_SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -119,11 +119,13 @@ def _peak(name: str, llm: str, batch: int, text_tokens: int, device: str, seed: 
     return {"peak_mem_mb": memory.peak_mb(), "memory_kind": memory.describe()}
 
 
-def peak_memory(name: str, llm: str, batch: int, text_tokens: int, device: str, seed: int) -> dict:
-    """{"peak_mem_mb", "memory_kind"} of one tower + prefill pass of one configuration, alone in a fresh
-    process, its weights resident (the peak is reset after building where the platform allows)."""
-    return in_fresh_process(_peak, f"memory run of {name}", name=name, llm=llm, batch=batch,
-                            text_tokens=text_tokens, device=device, seed=seed)
+def peak_memory(names, llm: str, batch: int, text_tokens: int, device: str, seed: int) -> list:
+    """{"peak_mem_mb", "memory_kind"} of one tower + prefill pass of each configuration, each alone in a
+    fresh process with its weights resident (the peak is reset after building where the platform allows);
+    at the same time on CPU, where the figure is per process; one after another on a GPU."""
+    return in_fresh_processes(_peak, [(f"memory run of {n}", dict(name=n, llm=llm, batch=batch,
+                                                                  text_tokens=text_tokens, device=device, seed=seed))
+                                      for n in names], concurrent=device != "cuda")
 
 
 def run(towers, llm, batch, text_tokens, iters, device, seed=0, isolate=True, rounds=3):
@@ -155,10 +157,11 @@ def run(towers, llm, batch, text_tokens, iters, device, seed=0, isolate=True, ro
                      "prefill_spread": max(prefill_t[name]) / min(prefill_t[name]) - 1,
                      "rounds": rounds, "iters": iters, "loadavg_before": load_before})
     del bench
-    for row, name in zip(rows, towers):
-        if isolate:
-            row.update(peak_memory(name, llm, batch, text_tokens, device, seed))
-        else:
+    if isolate:
+        for row, peak in zip(rows, peak_memory(towers, llm, batch, text_tokens, device, seed)):
+            row.update(peak)
+    else:
+        for row in rows:
             row.update(peak_mem_mb=_rss_mb(), memory_kind="peak RSS of the benchmark's own process")
     base = rows[0]
     for r in rows:

@@ -13,8 +13,9 @@ import os
 import statistics
 import sys
 import time
+from typing import List
 
-from llava_drip.inspect.rounds import in_fresh_process, interleaved
+from llava_drip.inspect.rounds import in_fresh_processes, interleaved
 
 DEFAULT_MODELS = ("ViT-B-32", "DRIP-4x-32")
 
@@ -69,10 +70,12 @@ def _peak(model: str, batch: int, device: str, dtype, seed: int) -> dict:
     return {"peak_mem_mb": memory.peak_mb(), "memory_kind": memory.describe()}
 
 
-def peak_memory(model: str, batch: int, device: str, dtype, seed: int) -> dict:
-    """{"peak_mem_mb", "memory_kind"} of two training steps of `model`, alone in a fresh process."""
-    return in_fresh_process(_peak, f"memory run of {model}", model=model, batch=batch, device=device, dtype=dtype,
-                            seed=seed)
+def peak_memory(models, batch: int, device: str, dtype, seed: int) -> List[dict]:
+    """{"peak_mem_mb", "memory_kind"} of two training steps of each model, each alone in a fresh process
+    (at the same time on CPU, where the figure is per process; one after another on a GPU)."""
+    return in_fresh_processes(_peak, [(f"memory run of {m}", dict(model=m, batch=batch, device=device, dtype=dtype,
+                                                                  seed=seed)) for m in models],
+                              concurrent=not device.startswith("cuda"))
 
 
 def run_bench(models=DEFAULT_MODELS, batch: int = 256, iters: int = 3, rounds: int = 3, device: str = "auto",
@@ -100,12 +103,12 @@ def run_bench(models=DEFAULT_MODELS, batch: int = 256, iters: int = 3, rounds: i
 
     times = interleaved(models, rounds, seed, measure)
     del setups
+    mem = peak_memory(models, batch, device, amp, seed) if memory else [{"peak_mem_mb": None}] * len(models)
     rows = []
-    for m in models:
+    for m, peak in zip(models, mem):
         rows.append({"model": m, "batch": batch, "step_ms": 1e3 * statistics.median(times[m]),
                      "step_ms_rounds": [1e3 * t for t in times[m]],
-                     "spread": max(times[m]) / min(times[m]) - 1,
-                     **(peak_memory(m, batch, device, amp, seed) if memory else {"peak_mem_mb": None})})
+                     "spread": max(times[m]) / min(times[m]) - 1, **peak})
     base = rows[0]
     for r in rows:
         r["time_vs_first"] = r["step_ms"] / base["step_ms"]

@@ -24,15 +24,24 @@ def _child(q, target, kwargs):
         q.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def in_fresh_process(target: Callable[..., dict], what: str, **kwargs) -> dict:
-    """target(**kwargs) in a spawned process (a module-level function returning a dict); RuntimeError
-    naming `what` if it raised."""
+def in_fresh_processes(target: Callable[..., dict], calls: Sequence[tuple], concurrent: bool = False) -> List[dict]:
+    """target(**kwargs) for each (what, kwargs) in its own spawned process (target: a module-level function
+    returning a dict); RuntimeError naming `what` if one raised. concurrent: start them all at once
+    (right for per-process figures such as a CPU process's peak RSS; not for processes sharing a GPU)."""
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(q, target, kwargs))
-    p.start()
-    got = q.get()
-    p.join()
-    if "error" in got:
-        raise RuntimeError(f"{what} failed: {got['error']}")
-    return got
+    results: List[dict] = [None] * len(calls)
+    groups = [list(range(len(calls)))] if concurrent else [[i] for i in range(len(calls))]
+    for group in groups:
+        running = []
+        for i in group:
+            q = ctx.Queue()
+            p = ctx.Process(target=_child, args=(q, target, calls[i][1]))
+            p.start()
+            running.append((i, q, p))
+        for i, q, p in running:
+            results[i] = q.get()
+            p.join()
+    for (what, _), got in zip(calls, results):
+        if "error" in got:
+            raise RuntimeError(f"{what} failed: {got['error']}")
+    return results

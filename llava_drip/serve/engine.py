@@ -1,4 +1,5 @@
-"""One loaded LLaVA-DRIP model behind a lock: the shared back end of the demo, CLI chat and HTTP API.
+"""One loaded LLaVA-DRIP model answering many conversations at once: the back end of the demo, CLI chat and
+HTTP API (batching: ChatEngine, docs/serve.md#batching).
 
 Messages use OpenAI's shape, `{"role": "system" | "user" | "assistant", "content": str}`, and the
 conversation holds at most one image, which goes into the first user turn (LLaVA's convention, and
