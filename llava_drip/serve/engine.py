@@ -685,14 +685,13 @@ class ChatEngine:
     def _log_cancel(self, new_ids: torch.Tensor, max_new: int) -> None:
         """Say in the log that an answer was cut short (the log is where an operator sees abandoned requests)."""
         n = int(new_ids.numel())
-        if n < max_new and not (n and int(new_ids[-1]) == self.tokenizer.eos_token_id):
+        if n < max_new and not (n and int(new_ids[-1]) in self._eos_ids):
             _logger.info("generation cancelled after %d of %d new tokens", n, max_new)
 
     def _decode(self, new_ids: torch.Tensor) -> str:
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        stop = get_conv_template(self.conv_template).stop_str
-        if stop and stop.strip() and stop in text:
-            text = text[:text.index(stop)]
+        if self._stop_text and self._stop_text in text:  # the EOS token's own text is skipped above
+            text = text[:text.index(self._stop_text)]
         return text.strip()
 
     # ---- answering --------------------------------------------------------------------------------------
