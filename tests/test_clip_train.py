@@ -132,7 +132,7 @@ def test_resume_continues_schedule_exactly(synth, tmp_path):
         assert y["lr"] == pytest.approx(x["lr"], rel=1e-12, abs=0)
         for key in ("contrastive_loss", "boundary_loss", "boundary_ratio"):
             assert y[key] == pytest.approx(x[key], abs=1e-6), (x["step"], key)
-    sd_a = torch.load(tmp_path / "straight" / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
+    sd_a = torch.load(straight_clip / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
     sd_b = torch.load(tmp_path / "split" / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
     assert all(torch.allclose(sd_a[k], sd_b[k], atol=1e-6, equal_nan=True) for k in sd_a)  # uncalibrated: NaN
 
@@ -286,13 +286,23 @@ def _kill_during_save(argv, target, nbytes):
     assert proc.returncode == -9, proc.stdout[-3000:]  # SIGKILL: it died in the save
 
 
+def _kill_small(synth):
+    return dict(model="ViT-tiny", batch=8, csv=synth / "train48.csv", epochs=2)
+
+
+@pytest.fixture(scope="module")
+def straight_clip(synth, tmp_path_factory) -> Path:
+    """The uninterrupted run both kill cases are compared with (run once, in its own process)."""
+    logs = tmp_path_factory.mktemp("straight")
+    _clip_train_process(_base(synth, logs, "straight", **_kill_small(synth)))
+    return logs / "straight"
+
+
 @pytest.mark.parametrize("nbytes", [0, 3000])
-def test_kill_during_checkpoint_write_then_resume_matches_straight(synth, tmp_path, nbytes):
+def test_kill_during_checkpoint_write_then_resume_matches_straight(synth, straight_clip, tmp_path, nbytes):
     """kill -9 while epoch_2.pt is written: no truncated epoch_2.pt appears; --resume latest takes epoch_1.pt
     and the run ends with the weights of an uninterrupted one."""
-    small = dict(model="ViT-tiny", batch=8, csv=synth / "train48.csv")
-    _clip_train_process(_base(synth, tmp_path, "straight", epochs=2, **small))
-    killed = _base(synth, tmp_path, "killed", epochs=2, **small)
+    killed = _base(synth, tmp_path, "killed", **_kill_small(synth))
     _kill_during_save(killed, "checkpoints/epoch_2.pt", nbytes)
     ckpts = tmp_path / "killed" / "checkpoints"
     assert (ckpts / "epoch_1.pt").is_file() and not (ckpts / "epoch_2.pt").exists()
@@ -302,7 +312,7 @@ def test_kill_during_checkpoint_write_then_resume_matches_straight(synth, tmp_pa
     _clip_train_process(killed + ["--resume", "latest"])
     log = (tmp_path / "killed" / "out.log").read_text()
     assert "resume: skipping" in log and "epoch_3.pt" in log
-    sd_a = torch.load(tmp_path / "straight" / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
+    sd_a = torch.load(straight_clip / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
     sd_b = torch.load(ckpts / "epoch_2.pt", weights_only=True)["state_dict"]
     assert sd_a.keys() == sd_b.keys()
     assert all(torch.allclose(sd_a[k], sd_b[k], atol=1e-6) for k in sd_a)

@@ -360,21 +360,32 @@ def test_resume_refuses_planted_deepspeed_payload(work, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("target,nbytes", [("checkpoint-4/model.safetensors", 200),
-                                           ("checkpoint-4/optimizer.pt", 5000),
-                                           ("checkpoint-4/trainer_state.json", 10)])
-def test_kill_during_checkpoint_save_then_rerun_matches_straight(work, tmp_path, target, nbytes):
-    """kill -9 while checkpoint-4 is written: the rerun skips it (saying why), resumes from checkpoint-2
-    and ends with the weights of an uninterrupted run."""
-    from safetensors.torch import load_file
-    args = lambda out: [*_common(work, out), "--version", "v1", "--data_path", str(work / "data" / "finetune.json"),
-                        "--image_aspect_ratio", "pad", "--max_steps", "4", "--per_device_train_batch_size", "4",
-                        "--learning_rate", "1e-3", "--save_strategy", "steps", "--save_steps", "2"]
-    straight = tmp_path / "straight"  # in its own process, like the killed and the resumed run
-    proc = subprocess.run([sys.executable, str(REPO / "llava_drip" / "train" / "train.py"), *args(straight)],
+def _kill_args(work, out):
+    return [*_common(work, out), "--version", "v1", "--data_path", str(work / "data" / "finetune.json"),
+            "--image_aspect_ratio", "pad", "--max_steps", "4", "--per_device_train_batch_size", "4",
+            "--learning_rate", "1e-3", "--save_strategy", "steps", "--save_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(work, tmp_path_factory):
+    """The uninterrupted run every kill case is compared with, in its own process like them (run once)."""
+    straight = tmp_path_factory.mktemp("straight") / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "llava_drip" / "train" / "train.py"), *_kill_args(work, straight)],
                           env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
+    return straight
+
+
+@pytest.mark.parametrize("target,nbytes", [("checkpoint-4/model.safetensors", 200),
+                                           ("checkpoint-4/optimizer.pt", 5000),
+                                           ("checkpoint-4/trainer_state.json", 10)])
+def test_kill_during_checkpoint_save_then_rerun_matches_straight(work, straight_run, tmp_path, target, nbytes):
+    """kill -9 while checkpoint-4 is written: the rerun skips it (saying why), resumes from checkpoint-2
+    and ends with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+    args = lambda out: _kill_args(work, out)
+    straight = straight_run
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(REPO), LLAVA_DRIP_KILL_FILE=target, LLAVA_DRIP_KILL_BYTES=str(nbytes))
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "kill_plant.py"), "train", *args(killed)], env=env,

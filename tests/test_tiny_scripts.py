@@ -27,7 +27,7 @@ def _run(cmd, env, log: Path):
 
 @pytest.mark.slow
 def test_run_all_both_stages_and_a_chat_turn(tmp_path):
-    out = _run(["bash", str(REPO / "scripts" / "tiny" / "run_all.sh")], _env(WORK=tmp_path / "w", N=48, NPROC=1),
+    out = _run(["bash", str(REPO / "scripts" / "tiny" / "run_all.sh")], _env(WORK=tmp_path / "w", N=48, NPROC=1, LM_STEPS=10),
                tmp_path / "run_all.log")
     assert (tmp_path / "w" / "stage1" / "mm_projector.bin").is_file()
     assert (tmp_path / "w" / "stage2" / "model.safetensors").is_file()

@@ -1,5 +1,5 @@
 # Shared setup for the tiny CPU scripts: synthetic data, a tiny Llama and a DRIP-4x-tiny tower in $WORK.
-# Sourced, not run. Override WORK, TOWER, TOWER_CKPT (a clip-train checkpoint), NPROC.
+# Sourced, not run. Override WORK, TOWER, TOWER_CKPT (a clip-train checkpoint), NPROC, N, LM_STEPS.
 set -euo pipefail
 export DS_ACCELERATOR=cpu
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -12,7 +12,7 @@ N=${N:-600}
 mkdir -p "$WORK"
 [ -f "$WORK/data/finetune.json" ] || "$PY" -m llava_drip.cli synth llava --out "$WORK/data" --n "$N" --seed 0 --quiet
 [ -f "$WORK/llm/config.json" ] || "$PY" -m llava_drip.train.tiny --out "$WORK/llm" \
-    --data "$WORK/data/pretrain.json" "$WORK/data/finetune.json" --lm-steps 150
+    --data "$WORK/data/pretrain.json" "$WORK/data/finetune.json" --lm-steps "${LM_STEPS:-150}"
 if [ -z "${TOWER_CKPT:-}" ]; then
   TOWER_CKPT=$WORK/$TOWER-seed0.safetensors
   [ -f "$TOWER_CKPT" ] || "$PY" -c "from llava_drip.train.tiny_pipeline import save_random_tower as s; s('$TOWER', '$TOWER_CKPT')"
