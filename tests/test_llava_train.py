@@ -384,22 +384,20 @@ def test_kill_during_checkpoint_save_then_rerun_matches_straight(work, straight_
     """kill -9 while checkpoint-4 is written: the rerun skips it (saying why), resumes from checkpoint-2
     and ends with the weights of an uninterrupted run."""
     from safetensors.torch import load_file
-    args = lambda out: _kill_args(work, out)
-    straight = straight_run
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(REPO), LLAVA_DRIP_KILL_FILE=target, LLAVA_DRIP_KILL_BYTES=str(nbytes))
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "kill_plant.py"), "train", *args(killed)], env=env,
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "kill_plant.py"), "train", *_kill_args(work, killed)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == -9, proc.stdout[-3000:]
     assert (killed / "checkpoint-2" / "trainer_state.json").is_file() and (killed / "checkpoint-4").is_dir()
     assert not (killed / "model.safetensors").exists()
-    proc = subprocess.run([sys.executable, str(REPO / "llava_drip" / "train" / "train.py"), *args(killed)],
+    proc = subprocess.run([sys.executable, str(REPO / "llava_drip" / "train" / "train.py"), *_kill_args(work, killed)],
                           env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert f"resume: skipping {killed / 'checkpoint-4'}" in proc.stdout
     assert f"resume: continuing from {killed / 'checkpoint-2'}" in proc.stdout
-    a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    a, b = load_file(straight_run / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, equal_nan=True)
