@@ -132,7 +132,7 @@ def test_resume_continues_schedule_exactly(synth, tmp_path):
         assert y["lr"] == pytest.approx(x["lr"], rel=1e-12, abs=0)
         for key in ("contrastive_loss", "boundary_loss", "boundary_ratio"):
             assert y[key] == pytest.approx(x[key], abs=1e-6), (x["step"], key)
-    sd_a = torch.load(straight_clip / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
+    sd_a = torch.load(tmp_path / "straight" / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
     sd_b = torch.load(tmp_path / "split" / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
     assert all(torch.allclose(sd_a[k], sd_b[k], atol=1e-6, equal_nan=True) for k in sd_a)  # uncalibrated: NaN
 
