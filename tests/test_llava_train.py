@@ -466,3 +466,44 @@ def test_tunable_tower_under_deepspeed_two_ranks(work, tmp_path, zero):  # passe
     changed = [k for k in init if k.startswith("visual.pre_blocks.")
                and not torch.equal(saved[pre + k[len("visual."):]].float(), init[k].float())]
     assert changed
+
+
+def test_token_pos_trains_saves_and_reloads(work, tmp_path):
+    """--mm_vision_token_pos centroid through both stages: the projector reads width + 32 channels, the
+    config keeps the flag, the stage-2 folder reloads and answers; a stage 2 that forgets the flag is refused
+    with the projector file named."""
+    from llava_drip.model.builder import load_pretrained_model
+    from llava_drip.model.multimodal_encoder.towers import POS_FREQS
+    from llava_drip.train.train import train
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    pos = ["--mm_vision_token_pos", "centroid"]
+    train([*_common(work, s1), *pos, "--version", "plain", "--data_path", str(work / "data" / "pretrain.json"),
+           "--tune_mm_mlp_adapter", "True", "--max_steps", "2", "--per_device_train_batch_size", "4",
+           "--learning_rate", "1e-3"])
+    stage2 = ["--version", "v1", "--data_path", str(work / "data" / "finetune.json"), "--image_aspect_ratio", "pad",
+              "--pretrain_mm_mlp_adapter", str(s1 / "mm_projector.bin"), "--max_steps", "2",
+              "--per_device_train_batch_size", "4", "--learning_rate", "1e-3"]
+    train([*_common(work, s2), *pos, *stage2])
+    tok, model, proc, _ = load_pretrained_model(str(s2), device="cpu")
+    assert model.config.mm_vision_token_pos == "centroid"
+    tower = model.get_vision_tower()
+    assert tower.token_pos == "centroid" and tower.hidden_size == tower.vision_tower.width + 4 * POS_FREQS
+    assert model.get_model().mm_projector[0].in_features == tower.hidden_size
+    image = Image.open(next((work / "data" / "images").glob("*.png"))).convert("RGB")
+    prompt = get_conv_template("vicuna_v1")
+    prompt.append_message(prompt.roles[0], "<image>\nWhat shape is it?")
+    prompt.append_message(prompt.roles[1], None)
+    ids = tokenizer_image_token(prompt.get_prompt(), tok, return_tensors="pt")[None]
+    out = model.generate(ids, images=process_images([image], proc, model.config), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > 0
+    with pytest.raises(RuntimeError, match="mm_projector.bin: projector shapes do not match"):
+        train([*_common(work, tmp_path / "forgot"), *stage2])
+
+
+def test_token_pos_refuses_unknown_value(work, tmp_path, capsys):
+    from llava_drip.train.train import main
+    with pytest.raises(SystemExit) as e:
+        main([*_common(work, tmp_path / "x"), "--data_path", str(work / "data" / "finetune.json"),
+              "--mm_vision_token_pos", "grid"])
+    assert e.value.code == 2
+    assert "--mm_vision_token_pos 'grid'" in capsys.readouterr().err

@@ -117,3 +117,24 @@ def pack_groups(cls: torch.Tensor, h: torch.Tensor, boundaries: torch.Tensor, co
     index = img * L + pos
     attend = torch.arange(L, device=h.device).unsqueeze(0) < lengths.unsqueeze(1)
     return PackedGroups(tokens, lengths, offsets, index, attend, T == B * L)
+
+
+def group_centroids(boundaries: torch.Tensor, n_slots: int, grid) -> torch.Tensor:
+    """Where each group lies: [B, N] boundaries -> [B, n_slots, 2] mean (row, col) of its patches, both in
+    [0, 1] (raster order, row-major grid (h, w)); empty slots and dropped tail tokens give 0. No host sync.
+
+    The pooled features lose most of the patch position embedding's signal by the last block, so LLaVA can
+    hand the LLM each token's place explicitly (--mm_vision_token_pos centroid)."""
+    B, N = boundaries.shape
+    gh, gw = grid
+    b = boundaries.detach().float()
+    slot = (torch.cumsum(b, dim=1) - b).round().long()  # each patch's group, as group_mean_pool counts it
+    idx = torch.arange(N, device=b.device)
+    coords = torch.stack([(idx // gw).float() / max(gh - 1, 1), (idx % gw).float() / max(gw - 1, 1)], dim=-1)
+    keep = (slot < n_slots).float()  # cover_tail=False drops the tokens after the last boundary
+    slot = slot.clamp(max=max(n_slots - 1, 0))
+    if n_slots == 0:
+        return b.new_zeros(B, 0, 2)
+    sums = b.new_zeros(B, n_slots, 2).scatter_add_(1, slot[..., None].expand(B, N, 2), coords * keep[..., None])
+    counts = b.new_zeros(B, n_slots).scatter_add_(1, slot, keep)
+    return sums / counts.clamp(min=1)[..., None]

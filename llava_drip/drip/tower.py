@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from .boundary import (EVAL_MODES, BoundaryPredictor, binomial_prior_loss, check_prior,
                        deterministic_boundaries, sample_boundaries)
 from .budget import NUM_QUANTILES, Budget, as_budget_list, budget_boundaries, logit_quantiles
-from .pooling import PackedGroups, group_mean_pool, pack_groups
+from .pooling import PackedGroups, group_centroids, group_mean_pool, pack_groups
 
 _logger = logging.getLogger(__name__)
 
@@ -419,15 +419,21 @@ class DRIPVisionTransformer(nn.Module):
         return self.forward_with_aux(x)[0]
 
     def encode_tokens(self, images: torch.Tensor, select_layer: int = -1, drop_cls: bool = True,
-                      budget=None) -> List[torch.Tensor]:
+                      budget=None, with_positions: bool = False):
         """The tokens LLaVA receives: one [G_b, D] tensor per image, padding (and CLS) removed.
 
         budget: '0.25' / 0.25 (exactly round(0.25 N) per image), 16 (exactly 16), 'mean:0.25' (the
         calibrated cut: 0.25 N on average, image-dependent), a list with one per image, or None (eval_mode).
         Callers decide on autograd (LLaVA's tower wrapper builds a graph only when the tower trains).
+        with_positions: also return each token's [G_b, 2] (row, col) centroid in [0, 1] (CLS: the centre).
         """
         feats = self.forward_features(images, select_layer=select_layer, budget=budget)
         keep = feats.valid.clone()
         if drop_cls:
             keep[:, 0] = False
-        return [feats.hidden[i][keep[i]] for i in range(images.shape[0])]
+        tokens = [feats.hidden[i][keep[i]] for i in range(images.shape[0])]
+        if not with_positions:
+            return tokens
+        pos = group_centroids(feats.boundaries, feats.hidden.shape[1] - 1, self.grid_size)
+        pos = torch.cat([pos.new_full((pos.shape[0], 1, 2), 0.5), pos], dim=1)
+        return tokens, [pos[i][keep[i]] for i in range(images.shape[0])]

@@ -47,6 +47,12 @@ def load_projector_weights(projector: torch.nn.Module, path: str):
     sd = _load_tensors(path)
     prefix = next((p for p in ("model.mm_projector.", "mm_projector.") if any(k.startswith(p) for k in sd)), "")
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    own = projector.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in sd.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise RuntimeError(f"{path}: projector shapes do not match: {', '.join(wrong)}; it was trained for another "
+                           "tower width, LLM or --mm_vision_token_pos")
     result = projector.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(f"{path}: projector keys do not match: missing {result.missing_keys}, "

@@ -32,6 +32,7 @@ class LlavaMetaConfig:
     mm_vision_tower_pretrained: Optional[str] = None  # clip-train checkpoint the tower came from
     mm_vision_select_layer: int = -1
     mm_vision_select_feature: str = "patch"
+    mm_vision_token_pos: Optional[str] = None  # 'centroid': each token carries where it lies (towers.py)
     mm_drip_eval_mode: str = "calibrated"  # calibrated | threshold | topk | sample (checkpoints before: threshold)
     mm_drip_budget: Optional[str] = None  # default tokens per image: '0.25', '16', 'mean:0.25' (drip/budget.py)
     mm_drip_arch: Optional[dict] = None  # tower flags its checkpoint carries (convert-reference: ln_pre, proj_bias, ...)
@@ -74,6 +75,7 @@ class LlavaMetaModel:
         cfg.mm_vision_tower_pretrained = model_args.vision_tower_pretrained
         cfg.mm_vision_select_layer = model_args.mm_vision_select_layer
         cfg.mm_vision_select_feature = model_args.mm_vision_select_feature
+        cfg.mm_vision_token_pos = getattr(model_args, "mm_vision_token_pos", None)
         cfg.mm_drip_eval_mode = model_args.drip_eval_mode
         cfg.mm_drip_budget = model_args.drip_budget
         cfg.mm_projector_type = model_args.mm_projector_type

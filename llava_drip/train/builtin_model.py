@@ -126,10 +126,11 @@ def shipped_tower(model: Path, out: Path) -> Dict:
 
 def build(work: Path, dest: Path, clip_out: Path, clip_args: List[str], n: int, stage2_epochs: int,
           lm_steps: int, seed: int = 0, stage1_epochs: int = 1, tower_from: Optional[Path] = None,
-          tower_lr: Optional[float] = None) -> Path:
+          tower_lr: Optional[float] = None, token_pos: Optional[str] = "centroid") -> Path:
     """tower_from: take the tower from this shipped model instead of training it (the recipe it records
     is carried over); tower_lr: stage 2 also trains the tower at this learning rate (LLaVA-NeXT's
-    --mm_tunable_parts / --mm_vision_tower_lr)."""
+    --mm_tunable_parts / --mm_vision_tower_lr); token_pos: --mm_vision_token_pos (centroid: each visual token
+    carries where it lies; without it the model cannot answer position questions)."""
     from llava_drip.train import tiny_pipeline
 
     if tower_from is not None:
@@ -149,10 +150,10 @@ def build(work: Path, dest: Path, clip_out: Path, clip_args: List[str], n: int, 
     t0 = time.time()
     stage2 = tiny_pipeline.build(str(work), n=n, seed=seed, tower=TOWER, tower_checkpoint=weights,
                                  lm_steps=lm_steps, stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs,
-                                 stage2_extra=extra)
+                                 stage2_extra=extra, token_pos=token_pos)
     recipe = {"tower": tower_recipe,
               "llava": {"n_images": n, "seed": seed, "lm_steps": lm_steps, "stage1_epochs": stage1_epochs,
-                        "stage2_epochs": stage2_epochs, "stage2_tower_lr": tower_lr,
+                        "stage2_epochs": stage2_epochs, "stage2_tower_lr": tower_lr, "token_pos": token_pos,
                         "pipeline": "llava_drip.train.tiny_pipeline.build", "wall_s": round(time.time() - t0, 1)}}
     ship(Path(stage2), dest, recipe)
     print(f"built-in model written to {dest}", flush=True)
@@ -300,6 +301,8 @@ def main(argv=None) -> int:
     b.add_argument("--tower-lr", type=float, default=None,
                    help="stage 2 also trains the tower at this learning rate (--mm_tunable_parts with "
                         "mm_vision_tower, --mm_vision_tower_lr); default: frozen")
+    b.add_argument("--token-pos", default="centroid", choices=["centroid", "none"],
+                   help="--mm_vision_token_pos for LLaVA's stages (default centroid)")
     e = sub.add_parser("eval", help="held-out accuracy per question kind")
     e.add_argument("--model", type=Path, default=SHIPPED)
     e.add_argument("--out", type=Path, default=REPO / "runs" / "builtin_eval", help="held-out data and answers")
@@ -311,7 +314,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "build":
         build(a.work, a.dest, a.clip_out, a.clip_args.split(), a.n, a.stage2_epochs, a.lm_steps,
-              stage1_epochs=a.stage1_epochs, tower_from=a.tower_from, tower_lr=a.tower_lr)
+              stage1_epochs=a.stage1_epochs, tower_from=a.tower_from, tower_lr=a.tower_lr,
+              token_pos=None if a.token_pos == "none" else a.token_pos)
     elif a.cmd == "eval":
         result = evaluate(a.model, a.out, a.n, a.eval_seed)
         write_report(a.doc, result, "python -m llava_drip.train.builtin_model " + " ".join(argv))

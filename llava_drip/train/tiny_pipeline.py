@@ -77,7 +77,8 @@ def _calibrated(tower: str, checkpoint: str, held_out: str) -> str:
 def build(out: str, n: int = 1500, seed: int = 0, tower: str = "DRIP-4x-tiny", tower_checkpoint: Optional[str] = None,
           lm_steps: int = 150, stage1_epochs: int = 1, stage2_epochs: int = 3, lora: bool = False,
           clip_epochs: int = 3, drip_eval_mode: str = "calibrated", drip_train_budgets: Optional[str] = None,
-          drip_budget: Optional[str] = None, force: bool = False, stage2_extra: Optional[dict] = None) -> str:
+          drip_budget: Optional[str] = None, force: bool = False, stage2_extra: Optional[dict] = None,
+          token_pos: Optional[str] = None) -> str:
     """Run the whole tiny pipeline into `out` (skipping finished steps) and return the stage-2 folder.
 
     drip_eval_mode defaults to 'calibrated': the cut on the predictor's logits that keeps p N tokens
@@ -85,6 +86,7 @@ def build(out: str, n: int = 1500, seed: int = 0, tower: str = "DRIP-4x-tiny", t
     predictor's probabilities sit near p for every patch, and 'threshold' would keep one or two).
     drip_train_budgets: stage 2 draws one of these budgets per sample (see train.py).
     stage2_extra: more train.py flags for stage 2 (e.g. mm_tunable_parts, mm_vision_tower_lr).
+    token_pos: --mm_vision_token_pos for both stages ('centroid': tokens carry where they lie).
     """
     from llava_drip.data import synth_llava
     from llava_drip.train import tiny
@@ -115,6 +117,8 @@ def build(out: str, n: int = 1500, seed: int = 0, tower: str = "DRIP-4x-tiny", t
                   vision_tower_pretrained=tower_checkpoint, mm_projector_type="mlp2x_gelu",
                   drip_eval_mode=drip_eval_mode,
                   per_device_train_batch_size=16, model_max_length=384)
+    if token_pos:
+        common["mm_vision_token_pos"] = token_pos
     s1 = os.path.join(out, "stage1")
     if not os.path.isfile(os.path.join(s1, "mm_projector.bin")):
         train(_train_args(s1, version="plain", data_path=os.path.join(data, "pretrain.json"),

@@ -50,6 +50,9 @@ class ModelArguments:
     vision_tower_pretrained: Optional[str] = field(default=None, metadata={"help": "clip-train checkpoint for the tower"})
     mm_vision_select_layer: int = -1
     mm_vision_select_feature: str = "patch"
+    mm_vision_token_pos: Optional[str] = field(default=None, metadata={
+        "help": "'centroid': append to each visual token a sin/cos code of where it lies in the image (a DRIP "
+                "group's mean patch position), so the LLM can tell left from right; default: none, as LLaVA"})
     drip_eval_mode: str = field(default="calibrated", metadata={
         "help": "DRIP boundaries for LLaVA: calibrated (the tower's calibrated cut; threshold if uncalibrated) | "
                 "threshold | topk | sample"})
@@ -508,6 +511,10 @@ def parse_args(argv=None):
             model_args.drip_budget = str(parse_budget(model_args.drip_budget))
         except ValueError as e:
             raise ArgumentError(f"--drip_budget: {e}") from e
+    if model_args.mm_vision_token_pos in ("none", ""):
+        model_args.mm_vision_token_pos = None
+    if model_args.mm_vision_token_pos not in (None, "centroid"):
+        raise ArgumentError(f"--mm_vision_token_pos {model_args.mm_vision_token_pos!r}: expected centroid or none")
     if data_args.image_grid_pinpoints is not None or data_args.image_aspect_ratio == "anyres":
         raise ArgumentError("--image_grid_pinpoints / --image_aspect_ratio anyres (LLaVA-NeXT) are not supported")
     return model_args, data_args, training_args, notes

@@ -30,14 +30,15 @@ def build_vision_tower(config, load_weights: bool = True):
     name = config.mm_vision_tower
     kind = resolve_tower_type(name, getattr(config, "mm_vision_tower_type", "auto"))
     pretrained = config.mm_vision_tower_pretrained if load_weights else None
+    token_pos = getattr(config, "mm_vision_token_pos", None)
     from .towers import DRIPVisionTower, HFCLIPVisionTower, OpenCLIPVisionTower
     if kind == "drip":
         return DRIPVisionTower(name, config.mm_vision_select_layer, config.mm_vision_select_feature,
                                eval_mode=getattr(config, "mm_drip_eval_mode", "calibrated"), pretrained=pretrained,
                                budget=getattr(config, "mm_drip_budget", None),
-                               drip_flags=getattr(config, "mm_drip_arch", None))
+                               drip_flags=getattr(config, "mm_drip_arch", None), token_pos=token_pos)
     if kind == "open_clip":
         return OpenCLIPVisionTower(name, config.mm_vision_select_layer, config.mm_vision_select_feature,
-                                   pretrained=pretrained)
+                                   pretrained=pretrained, token_pos=token_pos)
     return HFCLIPVisionTower(name, config.mm_vision_select_layer, config.mm_vision_select_feature,
-                             load_weights=load_weights)
+                             load_weights=load_weights, token_pos=token_pos)

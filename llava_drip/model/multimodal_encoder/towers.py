@@ -4,6 +4,10 @@
 - OpenCLIPVisionTower: an open_clip ViT (the baseline), patch tokens of a chosen block.
 - HFCLIPVisionTower: transformers' CLIPVisionModel, as in a standard LLaVA-1.5 setup.
 
+token_pos='centroid' (--mm_vision_token_pos) appends to every token a 2-D sin/cos code of where it lies
+(a DRIP group: the mean (row, col) of its patches; a ViT patch: its own cell): a CLIP tower's last blocks
+keep little of the input position embedding, and without it a small LLaVA cannot say where things are.
+
 Towers are frozen (unless --mm_tunable_parts names mm_vision_tower) and stay in eval mode even when the
 trainer calls model.train(): DRIP samples its boundaries in train mode, and LLaVA must see the
 deterministic ones it will see at inference.
@@ -37,9 +41,41 @@ class OpenCLIPImageProcessor:
     __call__ = preprocess
 
 
+TOKEN_POS = (None, "centroid")
+POS_FREQS = 8  # per axis: sin and cos at pi * 2^k, k < 8 -> 32 extra channels
+
+
+def position_code(pos: torch.Tensor) -> torch.Tensor:
+    """[..., 2] (row, col) in [0, 1] -> [..., 4 * POS_FREQS] sin/cos features (frequencies pi * 2^k)."""
+    freqs = torch.pi * 2.0 ** torch.arange(POS_FREQS, device=pos.device, dtype=torch.float32)
+    angles = pos.float()[..., None] * freqs  # [..., 2, F]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+def grid_positions(grid, with_cls: bool) -> torch.Tensor:
+    """[(1 +) h * w, 2] (row, col) in [0, 1] of a ViT's patches in raster order; CLS sits at the centre."""
+    gh, gw = grid
+    rows = torch.arange(gh).repeat_interleave(gw).float() / max(gh - 1, 1)
+    cols = torch.arange(gw).repeat(gh).float() / max(gw - 1, 1)
+    pos = torch.stack([rows, cols], dim=-1)
+    return torch.cat([torch.full((1, 2), 0.5), pos]) if with_cls else pos
+
+
 class _FrozenTower(nn.Module):
     select_layer: int
     select_feature: str
+    token_pos: Optional[str] = None
+
+    def _check_token_pos(self):
+        if self.token_pos not in TOKEN_POS:
+            raise ValueError(f"unexpected mm_vision_token_pos {self.token_pos!r}: use one of {TOKEN_POS}")
+
+    @property
+    def pos_dims(self) -> int:
+        return 4 * POS_FREQS if self.token_pos == "centroid" else 0
+
+    def _with_positions(self, feats: List[torch.Tensor], positions: List[torch.Tensor]) -> List[torch.Tensor]:
+        return [torch.cat([f, position_code(p).to(f.dtype)], dim=-1) for f, p in zip(feats, positions)]
 
     def train(self, mode: bool = True):
         return super().train(False)
@@ -103,8 +139,10 @@ def checkpoint_drip_flags(path: str) -> Optional[dict]:
 class DRIPVisionTower(_FrozenTower):
     def __init__(self, name: str, select_layer: int = -1, select_feature: str = "patch",
                  eval_mode: str = "calibrated", pretrained: Optional[str] = None, budget=None,
-                 drip_flags: Optional[dict] = None):
+                 drip_flags: Optional[dict] = None, token_pos: Optional[str] = None):
         super().__init__()
+        self.token_pos = token_pos
+        self._check_token_pos()
         from llava_drip.drip.factory import get_model_config, is_drip
         from llava_drip.drip.model import build_drip_tower
         from open_clip.transform import PreprocessCfg, image_transform_v2
@@ -127,7 +165,7 @@ class DRIPVisionTower(_FrozenTower):
 
     @property
     def hidden_size(self) -> int:
-        return self.vision_tower.width
+        return self.vision_tower.width + self.pos_dims
 
     @property
     def num_patches(self) -> int:
@@ -136,18 +174,22 @@ class DRIPVisionTower(_FrozenTower):
     @_grad_if_trainable
     def forward(self, images: torch.Tensor, budget=None) -> List[torch.Tensor]:
         """budget: one spec or one per image (llava_drip.drip.budget); None: the tower's default."""
-        return self.vision_tower.encode_tokens(images.to(self.dtype), select_layer=self.select_layer,
-                                               drop_cls=self.select_feature == "patch",
-                                               budget=self.budget if budget is None else budget)
+        out = self.vision_tower.encode_tokens(images.to(self.dtype), select_layer=self.select_layer,
+                                              drop_cls=self.select_feature == "patch",
+                                              budget=self.budget if budget is None else budget,
+                                              with_positions=self.token_pos is not None)
+        return self._with_positions(*out) if self.token_pos is not None else out
 
 
 class OpenCLIPVisionTower(_FrozenTower):
     def __init__(self, name: str, select_layer: int = -2, select_feature: str = "patch",
-                 pretrained: Optional[str] = None):
+                 pretrained: Optional[str] = None, token_pos: Optional[str] = None):
         super().__init__()
         import open_clip
         self.name, self.select_layer, self.select_feature = name, select_layer, select_feature
+        self.token_pos = token_pos
         self._check_feature()
+        self._check_token_pos()
         clip = open_clip.create_model(name)
         self.vision_tower = clip.visual
         if pretrained:
@@ -161,7 +203,7 @@ class OpenCLIPVisionTower(_FrozenTower):
 
     @property
     def hidden_size(self) -> int:
-        return self.vision_tower.conv1.out_channels
+        return self.vision_tower.conv1.out_channels + self.pos_dims
 
     @property
     def num_patches(self) -> int:
@@ -179,15 +221,22 @@ class OpenCLIPVisionTower(_FrozenTower):
         feats = out["image_intermediates"][0]
         if self.select_feature == "cls_patch":
             feats = torch.cat([out["image_intermediates_prefix"][0], feats], dim=1)
-        return list(feats.unbind(0))
+        feats = list(feats.unbind(0))
+        if self.token_pos is None:
+            return feats
+        pos = grid_positions(self.vision_tower.grid_size, self.select_feature == "cls_patch").to(images.device)
+        return self._with_positions(feats, [pos] * len(feats))
 
 
 class HFCLIPVisionTower(_FrozenTower):
-    def __init__(self, name: str, select_layer: int = -2, select_feature: str = "patch", load_weights: bool = True):
+    def __init__(self, name: str, select_layer: int = -2, select_feature: str = "patch", load_weights: bool = True,
+                 token_pos: Optional[str] = None):
         super().__init__()
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
         self.name, self.select_layer, self.select_feature = name, select_layer, select_feature
+        self.token_pos = token_pos
         self._check_feature()
+        self._check_token_pos()
         self.image_processor = CLIPImageProcessor.from_pretrained(name)
         if load_weights:
             self.vision_tower = CLIPVisionModel.from_pretrained(name)
@@ -197,7 +246,7 @@ class HFCLIPVisionTower(_FrozenTower):
 
     @property
     def hidden_size(self) -> int:
-        return self.vision_tower.config.hidden_size
+        return self.vision_tower.config.hidden_size + self.pos_dims
 
     @property
     def num_patches(self) -> int:
@@ -211,4 +260,10 @@ class HFCLIPVisionTower(_FrozenTower):
         feats = out.hidden_states[self.select_layer]
         if self.select_feature == "patch":
             feats = feats[:, 1:]
-        return list(feats.unbind(0))
+        feats = list(feats.unbind(0))
+        if self.token_pos is None:
+            return feats
+        c = self.vision_tower.config
+        g = c.image_size // c.patch_size
+        pos = grid_positions((g, g), self.select_feature == "cls_patch").to(images.device)
+        return self._with_positions(feats, [pos] * len(feats))
