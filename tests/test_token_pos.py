@@ -60,3 +60,17 @@ def test_vit_tower_codes_its_patch_grid():
     code = out[0][:, -4 * POS_FREQS:]
     assert torch.allclose(code, position_code(grid_positions(tower.vision_tower.grid_size, with_cls=True)))
     assert torch.equal(code, out[1][:, -4 * POS_FREQS:])
+
+
+def test_position_probe_command_on_the_shipped_model(tmp_path):
+    import json
+
+    from llava_drip.inspect import position_probe
+    out = tmp_path / "probe.json"
+    assert position_probe.main(["--n", "60", "--steps", "5", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"tokens", "tokens + centroid code", "all patches"}
+    assert res["all patches"]["tokens_mean"] == 64
+    assert 0 < res["tokens"]["tokens_mean"] < 64  # DRIP pooled
+    assert res["tokens"]["tokens_mean"] == res["tokens + centroid code"]["tokens_mean"]
+    assert all(r["n_test"] == 10 and 0 <= r["held_out_accuracy"] <= 1 for r in res.values())
