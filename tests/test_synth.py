@@ -198,3 +198,33 @@ def test_llava_bench_format(llava_dirs):
     assert all({"id", "image", "caption"} <= set(c) for c in contexts)
     for q in questions:
         assert q["image"] in by_image and (d / "images" / q["image"]).is_file()
+
+
+def test_llava_position_qa_adds_one_position_turn(tmp_path):
+    """--position-qa 1: every QA record that asks no position question gets one more turn asking where the
+    shapes are (in the record's own answer style), drawn after everything else, so the rest is unchanged."""
+    synth_llava.main(["--out", str(tmp_path / "a"), "--n", "40", "--n-sqa", "0", "--n-bench-images", "0", "--quiet"])
+    synth_llava.main(["--out", str(tmp_path / "b"), "--n", "40", "--n-sqa", "0", "--n-bench-images", "0", "--quiet",
+                      "--position-qa", "1"])
+    plain = {r["id"]: r for r in json.loads((tmp_path / "a" / "finetune.json").read_text())}
+    more = {r["id"]: r for r in json.loads((tmp_path / "b" / "finetune.json").read_text())}
+    assert plain.keys() == more.keys()
+    added = 0
+    for rid, r in plain.items():
+        a, b = r["conversations"], more[rid]["conversations"]
+        assert b[:len(a)] == a
+        asks = [t["value"] for t in a if t["from"] == "human"]
+        qa = "image" in r and not asks[0].endswith(synth_llava.MC_SUFFIX) and "(A)" not in asks[0]
+        if qa and not any(synth_llava._is_position_question(q) for q in asks):
+            q, ans = b[-2]["value"], b[-1]["value"]
+            assert len(b) == len(a) + 2 and synth_llava._is_position_question(q)
+            short = asks[0].endswith(synth_llava.SHORT_SUFFIX)
+            assert q.endswith(synth_llava.SHORT_SUFFIX) == short
+            assert (ans in ("left", "right", "top", "bottom", "center")) == short
+            added += 1
+        else:
+            assert b == a
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert added > 10 and meta["counts"]["finetune_extra_position_turns"] == added
+    with pytest.raises(SystemExit, match="position-qa"):
+        synth_llava.main(["--out", str(tmp_path / "c"), "--n", "2", "--position-qa", "2", "--quiet"])

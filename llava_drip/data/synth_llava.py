@@ -113,6 +113,11 @@ def qa_position(s: Scene, rng):
     return q, f"{_the_noun(s).capitalize()} {_be(s)} {POSITION_PHRASES[s.position][0]} of the image.", s.position
 
 
+def _is_position_question(text: str) -> bool:
+    """A question qa_position asks (whatever the record's prefix or suffix)."""
+    return " located?" in text or "In which part of the image" in text
+
+
 def qa_size(s: Scene, rng):
     q = f"{'Is' if s.count == 1 else 'Are'} {_the_noun(s)} large or small?"
     return q, f"{_pronoun(s)} {s.size}.", s.size
@@ -356,19 +361,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out LLaVA-Bench images, three questions each (default 4 -> 12 questions)")
     p.add_argument("--mc-fraction", type=float, default=0.2,
                    help="share of image records in finetune.json that are multiple choice (default 0.2)")
+    p.add_argument("--position-qa", type=float, default=0.0,
+                   help="chance that a QA record without a position question gets one more turn asking where the "
+                        "shapes are (default 0; the built-in model uses 1: position needs far more examples to learn)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.n < 1 or args.image_size < 8 or args.n_sqa < 0 or args.n_bench_images < 0 or not 0 <= args.mc_fraction <= 1:
-        raise SystemExit("synth llava: need --n >= 1, --image-size >= 8, --n-sqa >= 0, --n-bench-images >= 0, 0 <= --mc-fraction <= 1")
+    if args.n < 1 or args.image_size < 8 or args.n_sqa < 0 or args.n_bench_images < 0 or not 0 <= args.mc_fraction <= 1 \
+            or not 0 <= args.position_qa <= 1:
+        raise SystemExit("synth llava: need --n >= 1, --image-size >= 8, --n-sqa >= 0, --n-bench-images >= 0, 0 <= --mc-fraction <= 1, 0 <= --position-qa <= 1")
     out = args.out.resolve()
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     pretrain, finetune = [], []
-    n_mc = 0
+    n_mc = n_pos = 0
     for i in tqdm(range(args.n), desc="train images", disable=args.quiet):
         rng = rng_for(args.seed, STREAM_TRAIN, i)
         scene = sample_scene(rng)
@@ -385,6 +394,14 @@ def main(argv: list[str] | None = None) -> int:
             n_mc += 1
         else:
             turns = qa_record(scene, rng)
+            asked = [t["value"] for t in turns if t["from"] == "human"]
+            if args.position_qa and not any(_is_position_question(q) for q in asked) \
+                    and rng.random() < args.position_qa:
+                q, long, short_a = qa_position(scene, rng)  # drawn last: --position-qa 0 leaves the files as they were
+                short = asked[0].endswith(SHORT_SUFFIX)
+                turns += [{"from": "human", "value": q + SHORT_SUFFIX if short else q},
+                          {"from": "gpt", "value": short_a if short else long}]
+                n_pos += 1
         finetune.append({"id": f"{i:06d}", "image": rel, "conversations": turns})
 
     # text-only records make up TEXT_ONLY_FRACTION of the finished file
@@ -448,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             "finetune": len(finetune),
             "finetune_qa": args.n - n_mc,
             "finetune_multiple_choice": n_mc,
+            "finetune_extra_position_turns": n_pos,
             "finetune_text_only": n_text,
             "sqa_test": len(problems),
             "sqa_with_image": n_sqa_img,

@@ -126,11 +126,12 @@ def shipped_tower(model: Path, out: Path) -> Dict:
 
 def build(work: Path, dest: Path, clip_out: Path, clip_args: List[str], n: int, stage2_epochs: int,
           lm_steps: int, seed: int = 0, stage1_epochs: int = 1, tower_from: Optional[Path] = None,
-          tower_lr: Optional[float] = None, token_pos: Optional[str] = "centroid") -> Path:
+          tower_lr: Optional[float] = None, token_pos: Optional[str] = "centroid", position_qa: float = 1.0) -> Path:
     """tower_from: take the tower from this shipped model instead of training it (the recipe it records
     is carried over); tower_lr: stage 2 also trains the tower at this learning rate (LLaVA-NeXT's
     --mm_tunable_parts / --mm_vision_tower_lr); token_pos: --mm_vision_token_pos (centroid: each visual token
-    carries where it lies; without it the model cannot answer position questions)."""
+    carries where it lies); position_qa: synth llava's --position-qa (a tiny LLM needs several times the
+    position questions of the default mix to learn to read that code)."""
     from llava_drip.train import tiny_pipeline
 
     if tower_from is not None:
@@ -150,10 +151,11 @@ def build(work: Path, dest: Path, clip_out: Path, clip_args: List[str], n: int, 
     t0 = time.time()
     stage2 = tiny_pipeline.build(str(work), n=n, seed=seed, tower=TOWER, tower_checkpoint=weights,
                                  lm_steps=lm_steps, stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs,
-                                 stage2_extra=extra, token_pos=token_pos)
+                                 stage2_extra=extra, token_pos=token_pos, position_qa=position_qa)
     recipe = {"tower": tower_recipe,
               "llava": {"n_images": n, "seed": seed, "lm_steps": lm_steps, "stage1_epochs": stage1_epochs,
                         "stage2_epochs": stage2_epochs, "stage2_tower_lr": tower_lr, "token_pos": token_pos,
+                        "position_qa": position_qa,
                         "pipeline": "llava_drip.train.tiny_pipeline.build", "wall_s": round(time.time() - t0, 1)}}
     ship(Path(stage2), dest, recipe)
     print(f"built-in model written to {dest}", flush=True)
@@ -293,7 +295,7 @@ def main(argv=None) -> int:
     b.add_argument("--clip-args", default="", help="flags for llava_drip.clip.repro's recipe (default: its defaults)")
     b.add_argument("--n", type=int, default=3000, help="synthetic LLaVA training images")
     b.add_argument("--stage1-epochs", type=int, default=2)
-    b.add_argument("--stage2-epochs", type=int, default=6)
+    b.add_argument("--stage2-epochs", type=int, default=8)
     b.add_argument("--lm-steps", type=int, default=150)
     b.add_argument("--tower-from", type=Path, default=None,
                    help="reuse the DRIP tower of this shipped model (e.g. llava_drip/assets/tiny-llava) instead of "
@@ -303,6 +305,8 @@ def main(argv=None) -> int:
                         "mm_vision_tower, --mm_vision_tower_lr); default: frozen")
     b.add_argument("--token-pos", default="centroid", choices=["centroid", "none"],
                    help="--mm_vision_token_pos for LLaVA's stages (default centroid)")
+    b.add_argument("--position-qa", type=float, default=1.0,
+                   help="synth llava's --position-qa for the LLaVA data (default 1: every QA record asks where)")
     e = sub.add_parser("eval", help="held-out accuracy per question kind")
     e.add_argument("--model", type=Path, default=SHIPPED)
     e.add_argument("--out", type=Path, default=REPO / "runs" / "builtin_eval", help="held-out data and answers")
@@ -315,7 +319,7 @@ def main(argv=None) -> int:
     if a.cmd == "build":
         build(a.work, a.dest, a.clip_out, a.clip_args.split(), a.n, a.stage2_epochs, a.lm_steps,
               stage1_epochs=a.stage1_epochs, tower_from=a.tower_from, tower_lr=a.tower_lr,
-              token_pos=None if a.token_pos == "none" else a.token_pos)
+              token_pos=None if a.token_pos == "none" else a.token_pos, position_qa=a.position_qa)
     elif a.cmd == "eval":
         result = evaluate(a.model, a.out, a.n, a.eval_seed)
         write_report(a.doc, result, "python -m llava_drip.train.builtin_model " + " ".join(argv))

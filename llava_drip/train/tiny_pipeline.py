@@ -78,7 +78,7 @@ def build(out: str, n: int = 1500, seed: int = 0, tower: str = "DRIP-4x-tiny", t
           lm_steps: int = 150, stage1_epochs: int = 1, stage2_epochs: int = 3, lora: bool = False,
           clip_epochs: int = 3, drip_eval_mode: str = "calibrated", drip_train_budgets: Optional[str] = None,
           drip_budget: Optional[str] = None, force: bool = False, stage2_extra: Optional[dict] = None,
-          token_pos: Optional[str] = None) -> str:
+          token_pos: Optional[str] = None, position_qa: float = 0.0) -> str:
     """Run the whole tiny pipeline into `out` (skipping finished steps) and return the stage-2 folder.
 
     drip_eval_mode defaults to 'calibrated': the cut on the predictor's logits that keeps p N tokens
@@ -87,6 +87,7 @@ def build(out: str, n: int = 1500, seed: int = 0, tower: str = "DRIP-4x-tiny", t
     drip_train_budgets: stage 2 draws one of these budgets per sample (see train.py).
     stage2_extra: more train.py flags for stage 2 (e.g. mm_tunable_parts, mm_vision_tower_lr).
     token_pos: --mm_vision_token_pos for both stages ('centroid': tokens carry where they lie).
+    position_qa: synth llava's --position-qa (the chance a QA record gets one more position question).
     """
     from llava_drip.data import synth_llava
     from llava_drip.train import tiny
@@ -100,7 +101,8 @@ def build(out: str, n: int = 1500, seed: int = 0, tower: str = "DRIP-4x-tiny", t
     os.makedirs(out, exist_ok=True)
     data = os.path.join(out, "data")
     if not os.path.isfile(os.path.join(data, "finetune.json")):
-        synth_llava.main(["--out", data, "--n", str(n), "--seed", str(seed), "--quiet"])
+        synth_llava.main(["--out", data, "--n", str(n), "--seed", str(seed), "--quiet",
+                          *(["--position-qa", str(position_qa)] if position_qa else [])])
     llm = os.path.join(out, "llm")
     if not os.path.isfile(os.path.join(llm, "config.json")):
         lines = tiny.corpus_from_llava_json([os.path.join(data, "pretrain.json"), os.path.join(data, "finetune.json")])
