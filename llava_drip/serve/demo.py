@@ -40,9 +40,9 @@ MAX_UPLOAD_MB = DEFAULT_MAX_BODY_MB
 # (scene, question, the word a right answer names): scenes the built-in model was not trained on (stream 1000),
 # questions of the kinds it was trained on; tests/test_builtin_model.py checks it answers each one right
 EXAMPLES = (
-    (("hexagon", "black", "large", "bottom", 1, "noise"), "What shape is shown in the image?", "hexagon"),
+    (("hexagon", "purple", "large", "left", 1, "noise"), "What shape is shown in the image?", "hexagon"),
     (("circle", "red", "large", "left", 3, "stripes"), "How many shapes are there in the image?", "three"),
-    (("star", "blue", "large", "center", 2, "dots"), "Where are the stars located?", "center"),
+    (("star", "blue", "large", "left", 2, "dots"), "Where are the stars located?", "left"),
     (("triangle", "green", "large", "center", 1, "plain"), "What color is the triangle?", "green"),
 )
 

@@ -119,8 +119,9 @@ def shipped_tower(model: Path, out: Path) -> Dict:
     save_file({"visual." + k: v.contiguous() for k, v in sd.items()}, str(tmp))  # clip-train export layout
     os.replace(tmp, out)
     tower = dict(manifest["recipe"]["tower"])
-    tower.setdefault("taken_from", {"model": manifest["files"]["model.safetensors"]["sha256"],
-                                    "git_commit": manifest.get("git_commit")})
+    # the model it was taken from this time (that model's own taken_from, if any, is one step further back)
+    tower["taken_from"] = {"model": manifest["files"]["model.safetensors"]["sha256"],
+                           "git_commit": manifest.get("git_commit")}
     return {"weights": str(out), "recipe": tower}
 
 
@@ -295,7 +296,7 @@ def main(argv=None) -> int:
     b.add_argument("--clip-args", default="", help="flags for llava_drip.clip.repro's recipe (default: its defaults)")
     b.add_argument("--n", type=int, default=3000, help="synthetic LLaVA training images")
     b.add_argument("--stage1-epochs", type=int, default=2)
-    b.add_argument("--stage2-epochs", type=int, default=8)
+    b.add_argument("--stage2-epochs", type=int, default=12)
     b.add_argument("--lm-steps", type=int, default=150)
     b.add_argument("--tower-from", type=Path, default=None,
                    help="reuse the DRIP tower of this shipped model (e.g. llava_drip/assets/tiny-llava) instead of "
