@@ -74,3 +74,13 @@ def test_position_probe_command_on_the_shipped_model(tmp_path):
     assert 0 < res["tokens"]["tokens_mean"] < 64  # DRIP pooled
     assert res["tokens"]["tokens_mean"] == res["tokens + centroid code"]["tokens_mean"]
     assert all(r["n_test"] == 10 and 0 <= r["held_out_accuracy"] <= 1 for r in res.values())
+
+
+def test_hf_clip_tower_codes_its_patch_grid(tmp_path):
+    from llava_drip.model.multimodal_encoder.towers import HFCLIPVisionTower
+    from llava_drip.train.tiny import build_tiny_hf_clip
+    folder = build_tiny_hf_clip(str(tmp_path / "clip"), image_size=32, patch_size=8)
+    tower = HFCLIPVisionTower(folder, select_feature="patch", token_pos="centroid")
+    out = tower(torch.randn(2, 3, 32, 32))
+    assert out[0].shape == (16, tower.hidden_size) and tower.hidden_size == 64 + 4 * POS_FREQS
+    assert torch.allclose(out[1][:, -4 * POS_FREQS:], position_code(grid_positions((4, 4), with_cls=False)))

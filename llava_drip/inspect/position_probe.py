@@ -20,7 +20,6 @@ def _features(model_path: str, n: int, seed: int, batch: int = 100):
     from llava_drip.data.shapes import POSITIONS, render, rng_for, sample_scene
     from llava_drip.mm_utils import process_images
     from llava_drip.model.builder import load_pretrained_model
-    from llava_drip.model.multimodal_encoder.towers import position_code
 
     _, model, processor, _ = load_pretrained_model(model_path, device="cpu")
     wrapper = model.get_vision_tower()
@@ -41,7 +40,7 @@ def _features(model_path: str, n: int, seed: int, batch: int = 100):
             toks, pos = tower.encode_tokens(px, wrapper.select_layer, drop_cls, budget=wrapper.budget,
                                             with_positions=True)
             sets["tokens"] += [t.float() for t in toks]
-            sets["tokens + centroid code"] += [torch.cat([t.float(), position_code(p)], -1) for t, p in zip(toks, pos)]
+            sets["tokens + centroid code"] += [t.float() for t in wrapper._with_positions(toks, pos)]
             sets["all patches"] += [t.float() for t in tower.encode_tokens(px, wrapper.select_layer, drop_cls, budget=1.0)]
     return sets, torch.tensor(labels)
 

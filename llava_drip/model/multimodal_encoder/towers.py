@@ -77,6 +77,14 @@ class _FrozenTower(nn.Module):
     def _with_positions(self, feats: List[torch.Tensor], positions: List[torch.Tensor]) -> List[torch.Tensor]:
         return [torch.cat([f, position_code(p).to(f.dtype)], dim=-1) for f, p in zip(feats, positions)]
 
+    def _grid_coded(self, feats: torch.Tensor, grid) -> List[torch.Tensor]:
+        """[B, L, D] ViT tokens -> per-image list, each with its cell's code when token_pos is set."""
+        feats = list(feats.unbind(0))
+        if self.token_pos is None:
+            return feats
+        pos = grid_positions(grid, self.select_feature == "cls_patch").to(feats[0].device)
+        return self._with_positions(feats, [pos] * len(feats))
+
     def train(self, mode: bool = True):
         return super().train(False)
 
@@ -221,11 +229,7 @@ class OpenCLIPVisionTower(_FrozenTower):
         feats = out["image_intermediates"][0]
         if self.select_feature == "cls_patch":
             feats = torch.cat([out["image_intermediates_prefix"][0], feats], dim=1)
-        feats = list(feats.unbind(0))
-        if self.token_pos is None:
-            return feats
-        pos = grid_positions(self.vision_tower.grid_size, self.select_feature == "cls_patch").to(images.device)
-        return self._with_positions(feats, [pos] * len(feats))
+        return self._grid_coded(feats, self.vision_tower.grid_size)
 
 
 class HFCLIPVisionTower(_FrozenTower):
@@ -260,10 +264,5 @@ class HFCLIPVisionTower(_FrozenTower):
         feats = out.hidden_states[self.select_layer]
         if self.select_feature == "patch":
             feats = feats[:, 1:]
-        feats = list(feats.unbind(0))
-        if self.token_pos is None:
-            return feats
         c = self.vision_tower.config
-        g = c.image_size // c.patch_size
-        pos = grid_positions((g, g), self.select_feature == "cls_patch").to(images.device)
-        return self._with_positions(feats, [pos] * len(feats))
+        return self._grid_coded(feats, (c.image_size // c.patch_size,) * 2)
