@@ -131,3 +131,29 @@ def test_heldout_questions_are_new_scenes_in_training_phrasing():
         for fn in (synth_llava.qa_color, synth_llava.qa_shape, synth_llava.qa_count, synth_llava.qa_position):
             train_questions.add(fn(s, rng)[0])
     assert all(q[3] in train_questions for q in qs)
+
+
+def test_engine_serves_in_bfloat16(tmp_path):
+    """--dtype bfloat16 (the default on CUDA): the weights load in bf16 and the demo's first example is
+    answered right, keeping about as many DRIP tokens as in fp32 (a boundary logit at the cut may flip)."""
+    import torch
+    from PIL import Image
+
+    from llava_drip.serve.demo import EXAMPLES, example_images
+    from llava_drip.serve.engine import ChatEngine
+    (path, question), (_, _, expected) = example_images(str(tmp_path), photos=False)[0], EXAMPLES[0]
+    image = Image.open(path)
+    counts = {}
+    for dtype in ("float32", "bfloat16"):
+        engine = ChatEngine(builtin.SHIPPED, device="cpu", dtype=dtype)
+        try:
+            assert {p.dtype for p in engine.model.parameters()} == {getattr(torch, dtype)}
+            text, stats = engine.chat([{"role": "user", "content": question}], image, temperature=0,
+                                      max_new_tokens=32)
+            assert expected.lower() in text.lower(), (dtype, text)
+            counts[dtype] = stats.visual_tokens_out
+        finally:
+            engine.close()
+    assert 0 < counts["float32"] < 64 and abs(counts["bfloat16"] - counts["float32"]) <= 1, counts
+    with pytest.raises(ValueError, match="float64"):
+        ChatEngine(builtin.SHIPPED, device="cpu", dtype="float64")

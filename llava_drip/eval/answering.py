@@ -207,9 +207,8 @@ class AnswersFile:
 
 
 def _dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":  # LLaVA evaluates in fp16 on GPU; CPU matmuls want fp32
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+    from llava_drip.model.builder import resolve_dtype
+    return resolve_dtype(name, device, cuda_auto=torch.float16)  # LLaVA evaluates in fp16 on GPU
 
 
 class Answerer:

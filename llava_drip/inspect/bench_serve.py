@@ -131,6 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--model-path", default=None, help="a LLaVA-DRIP folder (default: the built-in model)")
     p.add_argument("--model-base", default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="weights' dtype (default auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--requests", type=int, default=64, help="requests per level and round")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (1 is always run)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table gives medians")
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
     from llava_drip.serve.builtin import resolve_model_path
     from llava_drip.serve.engine import ChatEngine
     engine = ChatEngine(resolve_model_path(args.model_path), model_base=args.model_base, device=args.device,
-                        max_batch_size=args.max_batch_size)
+                        max_batch_size=args.max_batch_size, dtype=args.dtype)
     result = run_bench(engine, args.requests, levels, args.rounds, args.max_new_tokens, describe=args.describe)
     engine.close()
     if args.out:

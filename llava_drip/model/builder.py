@@ -68,6 +68,20 @@ _CALIB_BUFFERS = (".calib_quantiles", ".calib_target")
 _SHOW_KEYS = 8  # keys listed per kind in a mismatch message; the count gives the rest
 
 
+DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
+
+
+def resolve_dtype(name: str, device: str, cuda_auto: torch.dtype = torch.bfloat16) -> torch.dtype:
+    """A --dtype flag's value as a torch dtype. 'auto': `cuda_auto` on CUDA, fp32 elsewhere (CPU
+    matmuls in half precision are slow or unsupported)."""
+    if name == "auto":
+        return cuda_auto if str(device).startswith("cuda") else torch.float32
+    table = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if name not in table:
+        raise ValueError(f"dtype {name!r}: expected one of {', '.join(DTYPE_NAMES)}")
+    return table[name]
+
+
 def checkpoint_kind(files) -> Optional[str]:
     """'lora', 'full' or 'projector' from a folder's file names (LLaVA's and this project's names)."""
     if "adapter_config.json" in files:

@@ -462,6 +462,8 @@ def main(argv=None) -> int:
                    help="requests that may wait for a place in the batch (default %(default)s); one more "
                         "gets 503 with Retry-After")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="weights' dtype (default auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     args = p.parse_args(argv)
     prog = "llava-drip serve-api"
@@ -483,7 +485,7 @@ def main(argv=None) -> int:
     api_key = os.environ.get(args.api_key_env) or None
     model_id = args.model_name or default_model_id(model_path)
     engine = ChatEngine(model_path, model_base=args.model_base, device=args.device,
-                        max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+                        max_batch_size=args.max_batch_size, max_queue=args.max_queue, dtype=args.dtype)
     _log_to_stderr(args.log_level)
     try:
         app = create_app(engine, model_id, api_key, budget, max_body_bytes=int(args.max_body_mb * 1e6),

@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", default=None, help=BUDGET_HELP)
     p.add_argument("--conv-mode", default="vicuna_v1", help="conversation template")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="weights' dtype (default auto: bfloat16 on CUDA, float32 on CPU)")
     args = p.parse_args(argv)
     prog = "llava-drip chat"
 
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     model_path = resolve_model_path(args.model_path, file=sys.stderr)  # stdout is the conversation
     from .engine import ChatEngine, visual_token_summary  # after the image check: a bad path fails fast
     engine = ChatEngine(model_path, model_base=args.model_base, device=args.device,
-                        conv_template=args.conv_mode)
+                        conv_template=args.conv_mode, dtype=args.dtype)
     try:  # what only the model can tell: a DRIP tower, enough patches, calibrated for a mean
         budget = engine.resolve_budget(budget)
     except ValueError as e:

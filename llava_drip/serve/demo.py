@@ -366,6 +366,8 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="weights' dtype (default auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
                    help=f"largest image upload in MB (default {MAX_UPLOAD_MB:g}, the API's --max-body-mb default)")
     args = p.parse_args(argv)
@@ -373,7 +375,7 @@ def main(argv=None) -> int:
     model_path = resolve_model_path(args.model_path)
     print(f"loading {model_path} on {args.device}", flush=True)
     from .engine import ChatEngine
-    engine = ChatEngine(model_path, model_base=args.model_base, device=args.device)
+    engine = ChatEngine(model_path, model_base=args.model_base, device=args.device, dtype=args.dtype)
     examples = example_images(tempfile.mkdtemp(prefix="llava-drip-demo-"), photos=not is_builtin(model_path))
     demo = build_demo(engine, examples)
     launch(demo, args.host, args.port, args.share, args.max_upload_mb)

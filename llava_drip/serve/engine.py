@@ -164,6 +164,7 @@ class ChatEngine:
         model_path: a folder `load_pretrained_model` accepts (full, LoRA or projector checkpoint).
         model_base: base LLM folder for LoRA / projector checkpoints.
         device: torch device string.
+        dtype: weights' dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bfloat16', 'float16', 'float32'.
         conv_template: conversation template name (see llava_drip.conversation).
         max_batch_size: rows decoded together (1: one request at a time).
         max_queue: requests that may wait for a row; one more raises EngineBusy.
@@ -171,14 +172,15 @@ class ChatEngine:
 
     def __init__(self, model_path: str, model_base: Optional[str] = None, device: str = "cpu",
                  conv_template: str = "vicuna_v1", max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 max_queue: int = DEFAULT_MAX_QUEUE):
+                 max_queue: int = DEFAULT_MAX_QUEUE, dtype: str = "auto"):
         if int(max_batch_size) < 1 or int(max_queue) < 1:
             raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size} and {max_queue}")
-        from llava_drip.model.builder import load_pretrained_model
+        from llava_drip.model.builder import load_pretrained_model, resolve_dtype
+        torch_dtype = resolve_dtype(dtype, device)  # a bad name fails before the load
         model_path = os.path.expanduser(model_path)
         self.model_path = model_path
         self.tokenizer, self.model, self.image_processor, self.context_len = load_pretrained_model(
-            model_path, model_base=model_base, device=device)
+            model_path, model_base=model_base, device=device, torch_dtype=torch_dtype)
         self.device = device
         self.conv_template = conv_template
         get_conv_template(conv_template)  # fail now on an unknown name, not at the first request

@@ -164,6 +164,7 @@ def build(work: Path, dest: Path, clip_out: Path, clip_args: List[str], n: int, 
 
 
 # ---- held-out accuracy -------------------------------------------------------------------------------
+AIMS = {"colour": 0.95, "shape": 0.85, "count": 0.85, "position": 0.85}  # issue 11
 STREAM_HELDOUT = 6  # (seed, stream, index) generators no data writer uses
 
 
@@ -270,10 +271,12 @@ def write_report(doc: Path, result: Dict, command: str) -> None:
         v = kinds[k]
         lines.append(f"| {k} | {v['correct']} | {v['n']} | {100 * v['accuracy']:.1f} | {100 * v['chance']:.1f} |")
     lines += [f"| all | {round(result['accuracy'] * result['n'])} | {result['n']} | {100 * result['accuracy']:.1f} | |", ""]
-    weak = [f"{k} ({100 * kinds[k]['accuracy']:.0f} %)" for k in KINDS if kinds[k]["accuracy"] < 0.85]
-    if weak:
-        lines += [f"Below the 85 % aimed at: {', '.join(weak)}. The demo's page shows these figures (read from the "
-                  "model's MANIFEST.json) next to the chat.", ""]
+    weak = [f"{k} ({100 * kinds[k]['accuracy']:.0f} % < {100 * AIMS[k]:.0f} %)" for k in KINDS
+            if kinds[k]["accuracy"] < AIMS[k]]
+    aims = ", ".join(f"{k} {100 * AIMS[k]:.0f} %" for k in KINDS)
+    lines += [(f"Below the accuracy aimed at ({aims}): {', '.join(weak)}." if weak else
+               f"Every kind meets the accuracy aimed at ({aims}).")
+              + " The demo's page shows these figures (read from the model's MANIFEST.json) next to the chat.", ""]
     doc.parent.mkdir(parents=True, exist_ok=True)
     tmp = doc.with_name(f".{doc.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -296,7 +299,7 @@ def main(argv=None) -> int:
     b.add_argument("--clip-args", default="", help="flags for llava_drip.clip.repro's recipe (default: its defaults)")
     b.add_argument("--n", type=int, default=3000, help="synthetic LLaVA training images")
     b.add_argument("--stage1-epochs", type=int, default=2)
-    b.add_argument("--stage2-epochs", type=int, default=12)
+    b.add_argument("--stage2-epochs", type=int, default=20)
     b.add_argument("--lm-steps", type=int, default=150)
     b.add_argument("--tower-from", type=Path, default=None,
                    help="reuse the DRIP tower of this shipped model (e.g. llava_drip/assets/tiny-llava) instead of "
