@@ -56,6 +56,7 @@ class PackedGroups(NamedTuple):
     index: torch.Tensor  # [T] long, position b * L + j of each row in the padded [B, L] grid
     attend: torch.Tensor  # [B, L] bool, True for real rows (the padded path's `valid`)
     dense: bool  # every image has L rows, so the grid is `tokens` itself (no scatter needed)
+    cu_seqlens: torch.Tensor  # [B + 1] int32, row where each image starts (and T at the end): varlen kernels' input
 
     @property
     def max_len(self) -> int:
@@ -116,7 +117,8 @@ def pack_groups(cls: torch.Tensor, h: torch.Tensor, boundaries: torch.Tensor, co
     pos = torch.arange(T, device=h.device) - offsets[img]
     index = img * L + pos
     attend = torch.arange(L, device=h.device).unsqueeze(0) < lengths.unsqueeze(1)
-    return PackedGroups(tokens, lengths, offsets, index, attend, T == B * L)
+    cu_seqlens = torch.cat([offsets, offsets.new_full((1,), T)]).to(torch.int32)
+    return PackedGroups(tokens, lengths, offsets, index, attend, T == B * L, cu_seqlens)
 
 
 def group_centroids(boundaries: torch.Tensor, n_slots: int, grid) -> torch.Tensor:

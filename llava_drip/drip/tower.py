@@ -36,6 +36,7 @@ from .boundary import (EVAL_MODES, BoundaryPredictor, binomial_prior_loss, check
                        deterministic_boundaries, sample_boundaries)
 from .budget import NUM_QUANTILES, Budget, as_budget_list, budget_boundaries, logit_quantiles
 from .pooling import PackedGroups, group_centroids, group_mean_pool, pack_groups
+from .varlen import varlen_kernel
 
 _logger = logging.getLogger(__name__)
 
@@ -80,6 +81,12 @@ class Block(nn.Module):
     def attention_packed(self, x: torch.Tensor, layout: PackedGroups) -> torch.Tensor:
         T, D = x.shape
         B, L = layout.attend.shape
+        kernel = varlen_kernel(x, D // self.heads)
+        if kernel is not None:  # rows attend within their image straight from the packed tensor
+            qkv = F.linear(x, self.attn.in_proj_weight, self.attn.in_proj_bias)
+            q, k, v = qkv.view(T, 3, self.heads, D // self.heads).unbind(1)  # 3 x [T, H, hd]
+            out = kernel(q.contiguous(), k.contiguous(), v.contiguous(), layout.cu_seqlens, L)
+            return self.attn.out_proj(out.reshape(T, D))
         qkv = layout.to_padded(F.linear(x, self.attn.in_proj_weight, self.attn.in_proj_bias))  # [B, L, 3D]
         q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         mask = None if layout.dense else layout.attend[:, None, None, :]
