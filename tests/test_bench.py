@@ -15,6 +15,7 @@ def test_bench_encoder_json_rows(capsys, tmp_path):
     res = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text())["rows"] == res["rows"]
     rows = res["rows"]
+    assert res["env"]["packed_attention"] == "sdpa on the padded grid"  # no Flash varlen kernel on CPU
     # the ViT-tiny baseline is added; 2 boundary modes x 2 layouts per DRIP model and batch size
     assert {r["model"] for r in rows} == {"ViT-tiny", "DRIP-4x-tiny"}
     assert len(rows) == 2 * (1 + 4)

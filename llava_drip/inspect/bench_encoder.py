@@ -255,8 +255,23 @@ def run_bench(models=DEFAULT_MODELS, batch_sizes=(1, 16, 64), impls=("padded", "
            "dtype": dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "warmup": warmup, "iters": iters, "seed": seed,
            "target_spread": target_spread, "max_iters": max_iters,
+           # which attention core the packed rows ran: a Flash varlen kernel or SDPA on the padded grid
+           "packed_attention": _packed_attention(dev, torch_dtype, towers),
            "loadavg_before": load_before, "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None}
     return {"env": env, "rows": rows}
+
+
+def _packed_attention(dev, torch_dtype, towers) -> str:
+    import torch
+    from ..drip.tower import DRIPVisionTransformer
+    from ..drip.varlen import get_varlen_backend, varlen_kernel
+    drip_towers = [t for t in towers.values() if isinstance(t, DRIPVisionTransformer) and len(t.post_blocks)]
+    if not drip_towers:
+        return "-"
+    blk = drip_towers[0].post_blocks[0]
+    probe = torch.empty(1, blk.ln_1.normalized_shape[0], device=dev, dtype=torch_dtype)
+    kernel = varlen_kernel(probe, probe.shape[1] // blk.heads)
+    return f"varlen ({get_varlen_backend()})" if kernel is not None else "sdpa on the padded grid"
 
 
 # ---- output ----------------------------------------------------------------------------------------------
