@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from llava_drip.cli import main as cli_main
+from llava_drip.clip.zeroshot import read_templates
 from llava_drip.data import synth_llava
 from llava_drip.data.shapes import COLORS, SHAPES
 
@@ -84,7 +85,11 @@ def test_clip_val_matches_classnames(clip_dirs):
     assert [f.replace("_", " ") for f in folders] == classnames
     assert all(len(list((d / "val" / f).glob("*.png"))) == 2 for f in folders)
     templates = (d / "templates.txt").read_text().splitlines()
-    assert len(templates) >= 5 and all("{}" in t for t in templates)
+    # every count a val image can show has its prompts: singular for one, {plural} for two and three
+    assert len(templates) >= 5 and all(("{}" in t) != ("{plural}" in t) for t in templates)
+    assert {t.split("{")[0].split()[-1] for t in templates} == {"one", "two", "three"}
+    prompts = [t(classnames[0]) for t in read_templates(d / "templates.txt")]
+    assert "one black circle." in prompts and "three black circles." in prompts
     meta = json.loads((d / "meta.json").read_text())
     assert meta["classes"] == classnames and meta["counts"] == {"train": 24, "val": 96}
 

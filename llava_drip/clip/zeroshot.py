@@ -34,13 +34,39 @@ def read_classnames(path) -> List[str]:
     return names
 
 
-def read_templates(path) -> List[str]:
+def plural(classname: str) -> str:
+    """English plural of a class name's last word ('red cross' -> 'red crosses'); regular nouns only."""
+    head, _, last = classname.rpartition(" ")
+    last = last + ("es" if last.endswith(("s", "x", "z", "ch", "sh")) else "s")
+    return f"{head} {last}" if head else last
+
+
+class PluralTemplate:
+    """A prompt template with {plural}: open_clip's zero-shot builder calls it with each class name."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __call__(self, classname: str) -> str:
+        return self.text.replace("{plural}", plural(classname)).replace("{}", classname)
+
+    def __repr__(self) -> str:
+        return repr(self.text)
+
+
+def read_templates(path) -> List:
+    """Prompt templates, one per line, each with one {} (the class name) or one {plural} (its plural, for
+    images that show several objects). All-{} files give open_clip's plain format strings; a file with any
+    {plural} gives callables for every line (open_clip wants one kind)."""
     templates = _lines(path)
     if not templates:
         raise ValueError(f"{path}: no templates (expected one per line, each with {{}})")
     for i, t in enumerate(templates, 1):
-        if t.count("{}") != 1:
-            raise ValueError(f"{path}: template {i} {t!r} must contain exactly one {{}} for the class name")
+        if t.count("{}") + t.count("{plural}") != 1:
+            raise ValueError(f"{path}: template {i} {t!r} must contain exactly one {{}} for the class name "
+                             "(or one {plural} for its plural)")
+    if any("{plural}" in t for t in templates):
+        return [PluralTemplate(t) for t in templates]
     return templates
 
 
@@ -148,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classnames", default=None,
                    help="class names, one per line in sorted folder order (default: ImageNet's 1000)")
     p.add_argument("--templates", default=None,
-                   help="prompt templates, one per line with {} (default: OpenAI's 80 ImageNet templates)")
+                   help="prompt templates, one per line with {} or {plural} (default: OpenAI's 80 ImageNet templates)")
     p.add_argument("--eval-mode", choices=EVAL_MODES, default=None,
                    help="DRIP boundaries at eval time (default: the model config's)")
     p.add_argument("--batch-size", type=int, default=64)

@@ -21,13 +21,13 @@ from tqdm import tqdm
 from .shapes import COLORS, SHAPES, STREAM_TRAIN, STREAM_VAL, caption, png_bytes, render, rng_for, sample_scene
 
 # Phrased like the captions ("one {size} {color} {shape} ..."), so zero-shot prompts sit in the
-# text distribution the model was trained on; "one" sidesteps a/an before colour names.
-TEMPLATES = (
-    "one {}.",
-    "a picture of one {}.",
-    "there is one {}.",
-    "an image showing one {}.",
-    "one {} on a plain background.",
+# text distribution the model was trained on; "one" sidesteps a/an before colour names. A val image
+# shows one, two or three objects and the captions name the count, so the prompts cover every count:
+# singular prompts alone score a 3-square image against "one red square." and "one red cross." alike.
+TEMPLATES = tuple(
+    phrase.format(n=n, x="{}" if n == "one" else "{plural}")
+    for n in ("one", "two", "three")
+    for phrase in ("{n} {x}.", "a picture of {n} {x}.", "an image showing {n} {x}.")
 )
 
 
