@@ -22,11 +22,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/llava-drip demo
 
+# One compute thread per test process: the tests' tensors are tiny, and two threads per process on two cores
+# (DeepSpeed tests run two ranks) spend more time contending than computing. Set OMP_NUM_THREADS to override.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow and not browser" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -ra -m "not slow and not browser" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
