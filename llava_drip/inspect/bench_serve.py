@@ -17,7 +17,7 @@ import threading
 import time
 
 from llava_drip.inspect.rounds import interleaved
-from llava_drip.serve.builtin import DEFAULT_MAX_BATCH_SIZE
+from llava_drip.serve.builtin import DEFAULT_MAX_BATCH_SIZE, add_dtype_arg
 
 
 def _percentile(values, q: float) -> float:
@@ -131,8 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--model-path", default=None, help="a LLaVA-DRIP folder (default: the built-in model)")
     p.add_argument("--model-base", default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
-                   help="weights' dtype (default auto: bfloat16 on CUDA, float32 on CPU)")
+    add_dtype_arg(p)
     p.add_argument("--requests", type=int, default=64, help="requests per level and round")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (1 is always run)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table gives medians")

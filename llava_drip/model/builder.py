@@ -68,9 +68,6 @@ _CALIB_BUFFERS = (".calib_quantiles", ".calib_target")
 _SHOW_KEYS = 8  # keys listed per kind in a mismatch message; the count gives the rest
 
 
-DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
-
-
 def resolve_dtype(name: str, device: str, cuda_auto: torch.dtype = torch.bfloat16) -> torch.dtype:
     """A --dtype flag's value as a torch dtype. 'auto': `cuda_auto` on CUDA, fp32 elsewhere (CPU
     matmuls in half precision are slow or unsupported)."""
@@ -78,7 +75,7 @@ def resolve_dtype(name: str, device: str, cuda_auto: torch.dtype = torch.bfloat1
         return cuda_auto if str(device).startswith("cuda") else torch.float32
     table = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if name not in table:
-        raise ValueError(f"dtype {name!r}: expected one of {', '.join(DTYPE_NAMES)}")
+        raise ValueError(f"dtype {name!r}: expected one of auto, {', '.join(table)}")
     return table[name]
 
 

@@ -48,8 +48,8 @@ from llava_drip.image_io import ImageError, open_image
 
 # the engine and the budgets load torch: imported where used (quoted in annotations; not `from __future__
 # import annotations`, which would hide the routes' types from FastAPI), so `--help` answers without torch
-from .builtin import (BUILTIN_MODEL_ID, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, is_builtin, model_path_help,
-                      resolve_model_path)
+from .builtin import (BUILTIN_MODEL_ID, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, add_dtype_arg, is_builtin,
+                      model_path_help, resolve_model_path)
 from .cli import BUDGET_HELP
 
 _logger = logging.getLogger(__name__)
@@ -462,8 +462,7 @@ def main(argv=None) -> int:
                    help="requests that may wait for a place in the batch (default %(default)s); one more "
                         "gets 503 with Retry-After")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
-                   help="weights' dtype (default auto: bfloat16 on CUDA, float32 on CPU)")
+    add_dtype_arg(p)
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     args = p.parse_args(argv)
     prog = "llava-drip serve-api"

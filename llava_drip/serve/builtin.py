@@ -15,6 +15,7 @@ BUILTIN_MODEL_ID = "llava-drip-tiny"  # the API's model id for it
 # the chat engine's bounds (engine.ChatEngine), here so that the commands' --help need not import torch
 DEFAULT_MAX_BATCH_SIZE = 32  # requests decoded together
 DEFAULT_MAX_QUEUE = 256  # requests waiting for a place in the batch
+SERVE_DTYPES = ("auto", "bfloat16", "float16", "float32")  # --dtype: the names model.builder.resolve_dtype accepts
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-llava")
 
 
@@ -52,3 +53,9 @@ def resolve_model_path(model_path: Optional[str], file: Optional[TextIO] = None)
     print(f"no --model-path and no shipped model in {SHIPPED}: building a stand-in in {tiny_pipeline.DEFAULT_CACHE} "
           "(synthetic data, tiny Llama, stage 1 and 2 on CPU; several minutes, once)", file=file, flush=True)
     return tiny_pipeline.build(tiny_pipeline.DEFAULT_CACHE)
+
+
+def add_dtype_arg(parser) -> None:
+    """The serving commands' shared --dtype flag (demo, chat, serve-api, bench serve)."""
+    parser.add_argument("--dtype", default="auto", choices=SERVE_DTYPES,
+                        help="weights' dtype (default auto: bfloat16 on CUDA, float32 on CPU)")

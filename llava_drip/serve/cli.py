@@ -8,7 +8,7 @@ chats with the built-in tiny model, building it on first use.
 import argparse
 import sys
 
-from .builtin import model_path_help, resolve_model_path
+from .builtin import add_dtype_arg, model_path_help, resolve_model_path
 
 BUDGET_HELP = ("DRIP visual tokens per image, three forms: a ratio 0.25 (exactly round(0.25 N) of the N patches), "
                "a count 16 (exactly 16), or mean:0.25 (the calibrated cut: 0.25 N on average, each image its own "
@@ -28,8 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", default=None, help=BUDGET_HELP)
     p.add_argument("--conv-mode", default="vicuna_v1", help="conversation template")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
-                   help="weights' dtype (default auto: bfloat16 on CUDA, float32 on CPU)")
+    add_dtype_arg(p)
     args = p.parse_args(argv)
     prog = "llava-drip chat"
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 # the engine and the budgets load torch, gradio takes seconds too: imported where used, so `--help` is fast
 from .api import DEFAULT_MAX_BODY_MB  # a light import: the API loads its server and torch where used
-from .builtin import DEFAULT_MAX_BATCH_SIZE, is_builtin, model_path_help, resolve_model_path
+from .builtin import DEFAULT_MAX_BATCH_SIZE, add_dtype_arg, is_builtin, model_path_help, resolve_model_path
 
 if TYPE_CHECKING:  # annotations only: the engine imports torch
     from .engine import ChatEngine, ChatStats, ImageTokens
@@ -366,8 +366,7 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
-                   help="weights' dtype (default auto: bfloat16 on CUDA, float32 on CPU)")
+    add_dtype_arg(p)
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
                    help=f"largest image upload in MB (default {MAX_UPLOAD_MB:g}, the API's --max-body-mb default)")
     args = p.parse_args(argv)
