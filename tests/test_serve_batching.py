@@ -218,3 +218,75 @@ def test_bench_serve_refuses_bad_flags(capsys):
             main(argv)
         assert e.value.code == 2
     assert "--concurrency" in capsys.readouterr().err
+
+
+def test_roomy_cache_layer_matches_dynamic_layer_and_writes_in_place():
+    """The engine's KV cache layer holds the same keys/values as transformers' DynamicLayer through prefill,
+    decode steps, row selection and outside assignment (a merge, a trimmed prefix), and a decode step within
+    its room writes one column in place instead of copying the cache."""
+    from transformers.cache_utils import DynamicLayer
+
+    from llava_drip.serve.engine import _RoomyLayer
+    g = torch.Generator().manual_seed(0)
+    ref, mine = DynamicLayer(), _RoomyLayer()
+
+    def step(t, b=3):
+        k, v = torch.randn(b, 2, t, 4, generator=g), torch.randn(b, 2, t, 4, generator=g)
+        rk, rv = ref.update(k, v)
+        mk, mv = mine.update(k, v)
+        assert torch.equal(rk, mk) and torch.equal(rv, mv)
+
+    step(5)  # prefill
+    ptr = mine._kbuf.data_ptr()
+    for _ in range(20):
+        step(1)
+    assert mine._kbuf.data_ptr() == ptr  # 25 columns fit the first buffer's room: no copy
+    for _ in range(40):  # past the room: a bigger buffer, still the same contents
+        step(1)
+    assert mine._kbuf.data_ptr() != ptr and mine._kbuf.shape[-2] >= 65
+    idx = torch.tensor([2, 0])
+    ref.batch_select_indices(idx)
+    mine.batch_select_indices(idx)
+    step(1, b=2)
+    for layer in (ref, mine):  # what _Batch.select does to columns no row reads any more
+        layer.keys, layer.values = layer.keys[:, :, 7:], layer.values[:, :, 7:]
+    step(2, b=2)
+    step(1, b=2)
+    assert mine.get_seq_length() == ref.get_seq_length() == 62
+
+
+def test_finished_rows_wait_in_the_batch_until_a_quarter_has_finished(engine, serial, requests, monkeypatch):
+    """A row that finishes early stays in the batch (its tokens ignored) while fewer than a quarter of the rows
+    have finished, so the cache is not copied at every exit; every answer is still what it is alone and nobody
+    gets tokens after finishing."""
+    import llava_drip.serve.engine as eng
+    for e in (engine, serial):
+        monkeypatch.setattr(e, "_suppress_ids", tuple(e._eos_ids))
+    lengths = [30] * 7 + [2]  # the short one joins seven long ones: 1 of 8 finished < 1/4, it stays
+    steps = []
+    step = eng.ChatEngine._step
+
+    def spy(self, batch):
+        steps.append((len(batch.reqs), batch.dead))
+        return step(self, batch)
+
+    monkeypatch.setattr(eng.ChatEngine, "_step", spy)
+    reqs = [dict(requests[i % len(requests)], max_new_tokens=n) for i, n in enumerate(lengths)]
+    alone = [serial.chat(**r, temperature=0)[0] for r in reqs]
+    got = {}
+
+    def ask(i):
+        got[i] = engine.chat(**reqs[i], temperature=0)
+
+    long = [threading.Thread(target=ask, args=(i,)) for i in range(7)]
+    for t in long:
+        t.start()
+    while engine._running < 7:
+        time.sleep(0.001)
+    short = threading.Thread(target=ask, args=(7,))
+    short.start()
+    for t in [*long, short]:
+        t.join(timeout=120)
+    assert [got[i][0] for i in range(8)] == alone
+    assert [got[i][1].generated_tokens for i in range(8)] == lengths
+    assert (8, 1) in steps  # the finished row rode along

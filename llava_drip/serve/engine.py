@@ -54,6 +54,11 @@ _GATHER_MAX_S = 0.02
 # while rows are decoding, images wait for the tower until a quarter batch of them is waiting or the
 # oldest has waited this long: the tower costs about as much for 8 images as for 1
 _ENCODE_WAIT_S = 0.03
+# finished rows stay in the batch (their tokens ignored) until a quarter of it has finished or new rows join:
+# dropping rows copies the whole KV cache, and with short answers some row finishes at almost every step
+_DEAD_SHARE = 0.25
+# spare sequence room a KV cache buffer gets when it is (re)allocated: at least this, or a quarter of its length
+_CACHE_ROOM = 32
 
 
 class MessageError(ValueError):
@@ -541,13 +546,15 @@ class ChatEngine:
                         seen = len(self._waiting) + len(self._encodes)
                         self._cv.wait(_GATHER_S)
             joining: List[_Request] = []
-            involved = list(batch.reqs) if batch else []
+            involved = list(batch.live_reqs) if batch else []
             try:
                 with self._lock:  # the model; taken before the line so a waiting request can still withdraw
                     if self._encodes and (batch is None or len(self._encodes) >= self.max_batch_size // 4 or
                                           time.perf_counter() - self._encodes[0].since > _ENCODE_WAIT_S):
                         self._run_encodes()
                     with self._cv:
+                        if batch is not None and self._waiting and batch.dead:
+                            batch = batch.compact()  # make room; the merge below copies the cache anyway
                         room = self.max_batch_size - (len(batch.reqs) if batch else 0)
                         if batch is None or batch.mergeable:
                             while self._waiting and len(joining) < room:
@@ -564,9 +571,9 @@ class ChatEngine:
                             if new is not None:
                                 batch = new if batch is None else batch.merge(new)
                         if batch is not None:
-                            self.max_rows_seen = max(self.max_rows_seen, len(batch.reqs))
+                            self.max_rows_seen = max(self.max_rows_seen, batch.live)
                             batch = self._emit(batch, self._step(batch))
-                        self._running = len(batch.reqs) if batch else 0
+                        self._running = batch.live if batch else 0
             except BaseException as e:  # every request in flight gets the error; the worker lives on
                 _logger.exception("generation failed")
                 for req in involved:
@@ -590,7 +597,7 @@ class ChatEngine:
             if n >= 4:
                 prefix = torch.tensor(ids[0][:n], device=self.device)
                 cache = self.model(input_ids=prefix[None], use_cache=True).cache
-                if all(type(layer) is DynamicLayer for layer in cache.layers):
+                if all(type(layer) in _PLAIN_LAYERS for layer in cache.layers):
                     self._prefix_state = (prefix, [(layer.keys, layer.values) for layer in cache.layers])
         return self._prefix_state if self._prefix_state[0] is not None else None
 
@@ -625,10 +632,9 @@ class ChatEngine:
             embeds.append(e[0])
             labels.append(lab[0])
         embeds, mask, pos, _ = _pad_batch(embeds, labels, "left")
-        cache = None
+        cache = _roomy_cache(model.config)
         if prefix is not None:  # rows read [prefix][left padding][their own tokens]
             b = len(reqs)
-            cache = DynamicCache(config=model.config)
             for i, (k, v) in enumerate(prefix[1]):
                 cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
             mask = torch.cat([mask.new_ones(b, skip), mask], dim=1)
@@ -654,7 +660,7 @@ class ChatEngine:
             logits[:, list(self._suppress_ids)] = float("-inf")
         picked = logits.argmax(dim=-1)
         for i, r in enumerate(reqs):
-            if r.temperature > 0:
+            if r.temperature > 0 and not r.done.is_set():  # finished rows still in the batch draw nothing
                 probs = torch.softmax(logits[i] / r.temperature, dim=-1)
                 if r.top_p < 1:
                     sorted_p, order = probs.sort(descending=True)
@@ -667,6 +673,8 @@ class ChatEngine:
         """Hand each row its token (stream pieces, stop checks); drop the finished rows; None if none is left."""
         keep = []
         for i, (req, tok) in enumerate(zip(batch.reqs, tokens.tolist())):
+            if req.done.is_set():  # finished earlier, still in the batch (see _DEAD_SHARE)
+                continue
             req.new_ids.append(tok)
             done = tok in self._eos_ids or len(req.new_ids) >= req.max_new_tokens or req.cancel.is_set()
             if req.pieces is not None or self._stop_text:
@@ -682,7 +690,11 @@ class ChatEngine:
             else:
                 keep.append(i)
         batch.last = tokens
-        return batch.select(keep)
+        if not keep:
+            return None
+        if len(batch.reqs) - len(keep) >= max(1, _DEAD_SHARE * len(batch.reqs)):
+            return batch.select(keep)
+        return batch
 
     def _log_cancel(self, new_ids: torch.Tensor, max_new: int) -> None:
         """Say in the log that an answer was cut short (the log is where an operator sees abandoned requests)."""
@@ -766,6 +778,56 @@ class _EncodeJob:
     since: float = field(default_factory=time.perf_counter)
 
 
+class _RoomyLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views into buffers with spare room along the sequence, so a
+    decode step writes its one column in place instead of copying the whole cache (DynamicLayer's torch.cat).
+    Code that assigns `.keys` / `.values` itself (row selection, merging, transformers' own helpers) hands
+    over plain tensors; the next update sees they are not views of the buffers and copies them into new ones."""
+
+    def __init__(self):
+        super().__init__()
+        self._kbuf = self._vbuf = None
+
+    def _fits(self, n: int) -> bool:
+        kb, vb = self._kbuf, self._vbuf
+        return (kb is not None and n <= kb.shape[-2] and self.keys.data_ptr() == kb.data_ptr()
+                and self.values.data_ptr() == vb.data_ptr() and self.keys.shape[0] == kb.shape[0]
+                and self.keys.stride() == kb.stride() and self.values.stride() == vb.stride())
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        t = key_states.shape[-2]
+        if not self._fits(n + t):
+            cap = n + t + max(_CACHE_ROOM, (n + t) // 4)
+            kb = key_states.new_empty(*key_states.shape[:2], cap, key_states.shape[-1])
+            vb = value_states.new_empty(*value_states.shape[:2], cap, value_states.shape[-1])
+            if n:
+                kb[:, :, :n], vb[:, :, :n] = self.keys, self.values
+            self._kbuf, self._vbuf = kb, vb
+        self._kbuf[:, :, n:n + t] = key_states
+        self._vbuf[:, :, n:n + t] = value_states
+        self.keys, self.values = self._kbuf[:, :, :n + t], self._vbuf[:, :, :n + t]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._kbuf = self._vbuf = None
+        super().reset()
+
+
+_PLAIN_LAYERS = (DynamicLayer, _RoomyLayer)  # caches rows can be padded, selected and joined in
+
+
+def _roomy_cache(config) -> DynamicCache:
+    """The model's DynamicCache with each plain layer made a _RoomyLayer (sliding-window layers stay as they are)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [_RoomyLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    if cache.layer_class_to_replicate is DynamicLayer:  # layers made on first use (no layer types in the config)
+        cache.layer_class_to_replicate = _RoomyLayer
+    return cache
+
+
 def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     if n == 0:
         return x
@@ -781,9 +843,25 @@ class _Batch:
         self.reqs, self.cache, self.mask, self.pos, self.last = list(reqs), cache, mask, pos, last
 
     @property
+    def live_reqs(self) -> List["_Request"]:
+        return [r for r in self.reqs if not r.done.is_set()]
+
+    @property
+    def live(self) -> int:
+        return sum(not r.done.is_set() for r in self.reqs)
+
+    @property
+    def dead(self) -> int:
+        return len(self.reqs) - self.live
+
+    def compact(self) -> Optional["_Batch"]:
+        """Drop the finished rows still in the batch."""
+        return self.select([i for i, r in enumerate(self.reqs) if not r.done.is_set()])
+
+    @property
     def mergeable(self) -> bool:
         """Plain growing caches can be padded and joined; others (sliding windows) run to the end first."""
-        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+        return all(type(layer) in _PLAIN_LAYERS for layer in self.cache.layers)
 
     def select(self, keep: List[int]) -> Optional["_Batch"]:
         if not keep:
