@@ -47,5 +47,6 @@ def test_report_and_plot(tmp_path):
     text = doc.read_text()
     assert "![zero-shot top-1 against GFLOPs](fig/tradeoff.png)" in text
     assert "| 91.0 (90.0-92.0) |" in text
+    assert "*Zero-shot top-1 % per seed*: ViT-tiny 0: 90.0, 1: 92.0; DRIP-10x-tiny 0: 60.0, 1: 61.0." in text
     # a 30.5-point gap against a 2-point seed range is called larger than the noise
     assert "DRIP-10x-tiny** loses top-1" in text and "larger than the noise" in text

@@ -1,4 +1,5 @@
 """scripts/tiny launchers run end to end on CPU at a small size (their own flags; size through env/args)."""
+import json
 import os
 import subprocess
 import sys
@@ -42,4 +43,6 @@ def test_clip_repro_small(tmp_path):
           "--batch-size", "32", "--reps", "1", "--workers", "0"], _env(), tmp_path / "repro.log")
     text = doc.read_text()
     assert "ViT-tiny" in text and "DRIP-4x-tiny" in text
+    summary = json.loads((tmp_path / "clip_synthetic.json").read_text())  # kept beside the doc, not only in runs/
+    assert [r["model"] for r in summary["rows"]] == ["ViT-tiny", "DRIP-4x-tiny"]
     assert (tmp_path / "clip_synthetic.png").stat().st_size > 0  # the plot goes where it is told, not into docs/

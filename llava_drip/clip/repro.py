@@ -10,7 +10,7 @@
 5. GFLOPs per image (fvcore, attention counted) at the target ratio and at the realised one
 6. times one training step per model round-robin in one process, so a change in machine load
    hits every model alike (the per-run averages from efficiency.json are reported too)
-7. writes the markdown table (docs/results/clip_synthetic.md) and OUT/summary.json
+7. writes the markdown table (docs/results/clip_synthetic.md), OUT/summary.json and a copy of it beside the doc
 """
 import argparse
 import json
@@ -239,8 +239,12 @@ def write_markdown(path: Path, rows: List[Dict], meta: Dict):
             f"{r['gflops_realised']:.4f} | {_spread(r, 'top1')} | {_spread(r, 'top5')} | {_spread(r, 'colour_acc')} | "
             f"{_spread(r, 'shape_acc')} | "
             f"{r['avg_step_time_s']:.3f} | {r['interleaved_step_s']:.3f} | {r['avg_peak_memory_mb']:.0f} |")
+    lines.append("")
+    if len(base["seeds"]) > 1:  # the per-seed values behind the ranges
+        per_seed = "; ".join(f"{r['model']} " + ", ".join(f"{s}: {_pct(v)}" for s, v in zip(r["seeds"], r["top1_all"]))
+                             for r in rows)
+        lines.append(f"- *Zero-shot top-1 % per seed*: {per_seed}.")
     lines += [
-        "",
         "- *Realised group ratio (eval)*: visual tokens kept per patch, G/N, averaged over the zero-shot images "
         "with the model's default eval boundaries (`calibrated`: the cut on the boundary logits that keeps p N tokens "
         "on average over the held-out images, each image its own count); training ratios are in the next table.",
@@ -468,6 +472,8 @@ def main(argv=None) -> int:
         "load_min": min(loads), "load_max": max(loads), "gflops_source": GFLOPS_SOURCE, "notes": NOTES,
     }
     write_json(out / "summary.json", {"meta": meta, "rows": rows, "runs": runs})
+    # a copy beside the doc: runs/ is not kept, and the doc's figures should stay checkable
+    write_json(Path(a.doc).with_suffix(".json"), {"meta": meta, "rows": rows, "runs": runs})
     if a.plot:
         plot_tradeoff(Path(a.plot), rows, meta)
         meta["plot"] = os.path.relpath(Path(a.plot).resolve(), Path(a.doc).resolve().parent)
