@@ -262,7 +262,9 @@ def test_finished_rows_wait_in_the_batch_until_a_quarter_has_finished(engine, se
     import llava_drip.serve.engine as eng
     for e in (engine, serial):
         monkeypatch.setattr(e, "_suppress_ids", tuple(e._eos_ids))
-    lengths = [30] * 7 + [2]  # the short one joins seven long ones: 1 of 8 finished < 1/4, it stays
+    # the short one's image is encoded at once (no waiting for batch mates), so it joins while the long ones run
+    monkeypatch.setattr(eng, "_ENCODE_WAIT_S", 0.0)
+    lengths = [60] * 7 + [2]  # the short one joins seven long ones: 1 of 8 finished < 1/4, it stays
     steps = []
     step = eng.ChatEngine._step
 
